@@ -1,0 +1,60 @@
+"""RMSNorm calibration: a few SGD steps on the norm weights of a stack, undone afterwards.
+
+Removing layers shifts the scale of the residual stream that later layers see; the norm
+weights are the cheapest knob that can re-scale it (a few thousand numbers per layer).
+The fitness of a chromosome is then measured after this quick repair, and the weights are
+restored exactly, so that the next chromosome starts from the same model.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from evaluators.perplexity import nll_of_hidden
+
+
+def norm_parameters(model: PreTrainedModel, layers: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """The RMSNorm weights the calibration may change: each layer's own norms and the final norm.
+
+    Only norms that are direct children of a decoder layer count, so Qwen3's per-head
+    q_norm/k_norm (inside the attention) stay fixed.
+    """
+    params = [child.weight for layer in layers for child in layer.children()
+              if type(child).__name__.endswith("RMSNorm")]
+    params.append(model.model.norm.weight)
+    return params
+
+
+@contextmanager
+def calibrated_norms(
+    model: PreTrainedModel, layers: Sequence[nn.Module], blocks: torch.Tensor,
+    steps: int, batch_size: int, lr: float, momentum: float = 0.9,
+) -> Iterator[None]:
+    """Within the block, the model (already viewing `layers`) has calibrated norm weights."""
+    params = norm_parameters(model, layers)
+    saved = [p.detach().clone() for p in params]
+    device = next(model.parameters()).device
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+        for step in range(steps):
+            start = (step * batch_size) % blocks.shape[0]
+            ids = blocks[start:start + batch_size].to(device)
+            with torch.enable_grad():
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                loss = nll_of_hidden(model, hidden, ids) / (ids.shape[0] * (ids.shape[1] - 1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+        yield
+    finally:
+        with torch.no_grad():
+            for p, original in zip(params, saved):
+                p.copy_(original)
+                p.grad = None
+                p.requires_grad_(False)

