@@ -1,0 +1,52 @@
+"""Command-line options generated from config dataclasses, so a setting is declared once.
+
+Each dataclass field becomes `--field-name` with the field's help text and default; a field
+typed `bool` becomes a `--name/--no-name` switch. The parsed values build the dataclass back,
+whose own validation then names any bad value.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _base_type(annotation: Any) -> type:
+    """`int | None` -> int; `str` -> str (dataclass annotations may be strings under __future__)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        kind = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", "")
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            shown = "" if default is None else f" (default: {default})"
+            group.add_argument(flag, dest=f.name, type=kind, default=default, help=text + shown,
+                               metavar=f.name.upper())
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """Exit with a one-line error that names the problem (no traceback for user mistakes)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
