@@ -1,0 +1,61 @@
+"""TensorBoard view of a search: fitness curves, diversity, speed, and the evolving layer map.
+
+Layer-map images have one row per generation and one column per decoder layer:
+- `layer_map/best`: the best individual's genes (black = SKIP, white = KEEP, orange = MERGE);
+- `layer_map/frequency`: the population's gene shares as colour (blue = SKIP, green = KEEP,
+  red = MERGE; a pure colour means the whole population agrees on that layer).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+
+GENE_COLOURS = np.array([[20, 20, 20], [235, 235, 235], [255, 140, 0]], dtype=np.uint8)
+CELL = 8  # pixels per gene, so that a 30-layer map is readable
+
+
+class Board:
+    def __init__(self, log_dir: Path, first_step: int):
+        # purge_step drops events a killed run logged after its last checkpoint, so a resumed
+        # run's curves have each generation once.
+        self.writer = SummaryWriter(str(log_dir), purge_step=first_step if first_step > 0 else None)
+
+    def log_generation(self, record: dict[str, Any], fitnesses: Sequence[float], seconds: float,
+                       history: Sequence[dict[str, Any]]) -> None:
+        step = record["gen"]
+        w = self.writer
+        for key in ("best", "mean", "median", "worst"):
+            w.add_scalar(f"perplexity/{key}", record[key], step)
+        w.add_scalar("population/diversity", record["diversity"], step)
+        w.add_scalar("evaluations/new", record["evals"], step)
+        w.add_scalar("evaluations/cache_hits", record["hits"], step)
+        w.add_scalar("evaluations/total", record["total_evals"], step)
+        w.add_scalar("speed/seconds_per_generation", seconds, step)
+        w.add_scalar("speed/evaluations_per_second", record["evals"] / seconds if seconds > 0 else 0.0, step)
+        w.add_histogram("population/perplexity", np.asarray(fitnesses, dtype=np.float64), step)
+        w.add_image("layer_map/best", best_map(history), step, dataformats="HWC")
+        w.add_image("layer_map/frequency", frequency_map(history), step, dataformats="HWC")
+        w.add_text("best/chromosome", f"`{history[-1]['best']}` perplexity {record['best']:.4f}", step)
+        w.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _enlarge(image: np.ndarray) -> np.ndarray:
+    return image.repeat(CELL, axis=0).repeat(CELL, axis=1)
+
+
+def best_map(history: Sequence[dict[str, Any]]) -> np.ndarray:
+    genes = np.array([[int(c) for c in entry["best"]] for entry in history])
+    return _enlarge(GENE_COLOURS[genes])
+
+
+def frequency_map(history: Sequence[dict[str, Any]]) -> np.ndarray:
+    shares = np.array([entry["frequencies"] for entry in history], dtype=np.float64)  # [gens, 3, layers]
+    skip, keep, merge = shares[:, 0], shares[:, 1], shares[:, 2]
+    rgb = np.stack([merge, keep, skip], axis=-1)
+    return _enlarge((rgb * 255).round().astype(np.uint8))

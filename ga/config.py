@@ -1,0 +1,59 @@
+"""Settings of a search: what the GA does, apart from how fitness is measured (EvaluatorConfig)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from chromosomes import budget
+
+INITS = ("random", "importance")
+
+
+@dataclass
+class SearchConfig:
+    pop: int = field(default=32, metadata={"help": "population size"})
+    gens: int = field(default=50, metadata={"help": "generations to evolve"})
+    remove: int | None = field(default=None, metadata={"help": "decoder layers to remove (or give --ratio)"})
+    ratio: float | None = field(default=None, metadata={"help": "fraction of decoder layers to remove (default 0.25)"})
+    merge: bool = field(default=True, metadata={"help": "allow MERGE genes (else skip-only search)"})
+    cx_prob: float = field(default=0.7, metadata={"help": "probability that a pair of parents is crossed"})
+    mut_prob: float = field(default=0.5, metadata={"help": "probability that an offspring is mutated"})
+    flip_prob: float = field(default=0.3, metadata={"help": "share of mutations that flip SKIP<->MERGE instead of moving a removed layer"})
+    tournament: int = field(default=3, metadata={"help": "tournament size for parent selection"})
+    elite: int = field(default=2, metadata={"help": "best individuals copied unchanged into the next generation"})
+    hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
+    init: str = field(default="random", metadata={"help": "initial population: random, or importance (seeded from the layers whose single removal hurts least)"})
+    seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same run"})
+
+    def __post_init__(self) -> None:
+        for name in ("pop", "gens", "tournament", "hof"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.pop < 2:
+            raise ValueError(f"pop must be at least 2, got {self.pop}")
+        if not 0 <= self.elite < self.pop:
+            raise ValueError(f"elite must lie in 0..pop-1 ({self.pop - 1}), got {self.elite}")
+        for name in ("cx_prob", "mut_prob", "flip_prob"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.remove is not None and self.ratio is not None:
+            raise ValueError("give --remove or --ratio, not both")
+
+    def removed(self, num_layers: int) -> int:
+        """The exact number of layers every individual removes."""
+        ratio = 0.25 if self.remove is None and self.ratio is None else self.ratio
+        return budget(num_layers, remove=self.remove, ratio=ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)

@@ -1,0 +1,255 @@
+"""The evolution loop: DEAP's toolbox, selection, variation, HallOfFame and Logbook, with
+elitism, a fitness cache and an exact checkpoint after every generation.
+
+DEAP's `eaSimple` has neither elitism nor checkpoints, so the loop is written out here in
+the shape of DEAP's checkpointing example. All randomness (DEAP's operators draw from the
+global `random` module) comes from one `random.Random` whose state is checkpointed, so a
+resumed run repeats exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+from deap import algorithms, base, tools
+
+from chromosomes import ChromosomeRecord, from_string, random_chromosome, to_string
+from evaluators.fitness import Evaluator, Fitness
+from ga.board import Board
+from ga.checkpoint import RunError, RunFolder, restore_rng, rng_state_to_json
+from ga.config import SearchConfig
+from ga.operators import crossover, gene_frequencies, mean_pairwise_hamming, mutate
+from ga.seeding import remove_least_harmful, single_skips
+
+
+class PerplexityFitness(base.Fitness):
+    weights = (-1.0,)  # minimize perplexity
+
+
+class Individual(list):
+    """A chromosome as DEAP sees it: a list of genes carrying its fitness."""
+
+    def __init__(self, genes=()):
+        super().__init__(genes)
+        self.fitness = PerplexityFitness()
+
+
+@contextmanager
+def drawing_from(rng: random.Random) -> Iterator[None]:
+    """Let DEAP's operators (which use the global `random`) draw from the run's own generator."""
+    outside = random.getstate()
+    random.setstate(rng.getstate())
+    try:
+        yield
+    finally:
+        rng.setstate(random.getstate())
+        random.setstate(outside)
+
+
+def build_toolbox(search: SearchConfig, num_layers: int, removed: int) -> base.Toolbox:
+    toolbox = base.Toolbox()
+    # Operators get the global `random` module as their generator: inside drawing_from it is
+    # the run's generator, shared with DEAP's own operators in one reproducible stream.
+    toolbox.register("individual", lambda: Individual(random_chromosome(num_layers, removed, random, search.merge)))
+    toolbox.register("mate", crossover, removed=removed, merge=search.merge, rng=random)
+    toolbox.register("mutate", mutate, removed=removed, merge=search.merge, flip_prob=search.flip_prob, rng=random)
+    toolbox.register("select", tools.selTournament, tournsize=search.tournament)
+    return toolbox
+
+
+def build_statistics() -> tools.Statistics:
+    stats = tools.Statistics(key=lambda ind: ind.fitness.values[0])
+    stats.register("best", np.min)
+    stats.register("mean", np.mean)
+    stats.register("median", np.median)
+    stats.register("worst", np.max)
+    return stats
+
+
+@dataclass
+class SearchState:
+    generation: int  # generations completed; 0 means the initial population is scored
+    population: list[Individual]
+    hall_of_fame: tools.HallOfFame
+    logbook: tools.Logbook
+    rng: random.Random
+    cache: dict[str, Fitness] = field(default_factory=dict)  # gene string -> fitness: never score twice
+    evaluations: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # per generation: best genes, gene shares
+
+    def best(self) -> tuple[list[int], Fitness]:
+        genes = list(self.hall_of_fame[0])
+        return genes, self.cache[to_string(genes)]
+
+    def to_json(self) -> dict[str, Any]:
+        def entry(ind: Individual) -> dict[str, Any]:
+            return {"genes": list(ind), "perplexity": ind.fitness.values[0]}
+        return {
+            "generation": self.generation,
+            "population": [entry(ind) for ind in self.population],
+            "hall_of_fame": [entry(ind) for ind in self.hall_of_fame],
+            "logbook": list(self.logbook),
+            "random_state": rng_state_to_json(self.rng.getstate()),
+            "cache": {key: fitness.to_dict() for key, fitness in self.cache.items()},
+            "evaluations": self.evaluations,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], hof_size: int) -> "SearchState":
+        def individual(entry: dict[str, Any]) -> Individual:
+            ind = Individual(entry["genes"])
+            ind.fitness.values = (entry["perplexity"],)
+            return ind
+        hall_of_fame = tools.HallOfFame(hof_size)
+        for entry in reversed(data["hall_of_fame"]):  # reversed: equal fitnesses keep their order
+            hall_of_fame.insert(individual(entry))
+        logbook = tools.Logbook()
+        for record in data["logbook"]:
+            logbook.record(**record)
+        return cls(
+            generation=data["generation"], population=[individual(e) for e in data["population"]],
+            hall_of_fame=hall_of_fame, logbook=logbook, rng=restore_rng(data["random_state"]),
+            cache={key: Fitness.from_dict(value) for key, value in data["cache"].items()},
+            evaluations=data["evaluations"], history=data["history"],
+        )
+
+
+def score(individuals: list[Individual], evaluator: Evaluator, state: SearchState) -> tuple[int, int]:
+    """Give each individual without a valid fitness its perplexity; score every new chromosome once.
+
+    Returns (new evaluations, cache hits).
+    """
+    invalid = [ind for ind in individuals if not ind.fitness.valid]
+    keys = [to_string(ind) for ind in invalid]
+    fitnesses = score_chromosomes(keys, evaluator, state)
+    for ind, key in zip(invalid, keys):
+        ind.fitness.values = (state.cache[key].perplexity,)
+    return fitnesses, len(invalid) - fitnesses
+
+
+def score_chromosomes(keys: list[str], evaluator: Evaluator, state: SearchState) -> int:
+    """Score the chromosomes (gene strings) not yet in the cache; return how many were new."""
+    new = list(dict.fromkeys(key for key in keys if key not in state.cache))
+    if new:
+        for key, fitness in zip(new, evaluator.evaluate([from_string(key) for key in new])):
+            state.cache[key] = fitness
+        state.evaluations += len(new)
+    return len(new)
+
+
+def initial_population(toolbox: base.Toolbox, search: SearchConfig, evaluator: Evaluator,
+                       state: SearchState, removed: int) -> list[Individual]:
+    """Random feasible individuals; with init=importance, half of them around the one-shot heuristic."""
+    seeds: list[Individual] = []
+    if search.init == "importance":
+        skips = [to_string(genes) for genes in single_skips(evaluator.num_layers)]
+        score_chromosomes(skips, evaluator, state)
+        one_shot = Individual(remove_least_harmful([state.cache[k].perplexity for k in skips], removed))
+        seeds.append(one_shot)
+        with drawing_from(state.rng):
+            while len(seeds) < search.pop // 2:
+                variant = toolbox.clone(one_shot)
+                for _ in range(random.randint(1, 3)):
+                    toolbox.mutate(variant)
+                seeds.append(variant)
+    with drawing_from(state.rng):
+        return seeds + [toolbox.individual() for _ in range(search.pop - len(seeds))]
+
+
+def next_generation(population: list[Individual], toolbox: base.Toolbox, search: SearchConfig) -> list[Individual]:
+    """Elites unchanged, the rest bred from tournament winners by crossover and mutation."""
+    elites = [toolbox.clone(ind) for ind in tools.selBest(population, search.elite)]
+    parents = toolbox.select(population, len(population) - search.elite)
+    return elites + algorithms.varAnd(parents, toolbox, search.cx_prob, search.mut_prob)
+
+
+def record_generation(state: SearchState, evals: int, hits: int, stats: tools.Statistics) -> dict[str, Any]:
+    state.hall_of_fame.update(state.population)
+    record = {"gen": state.generation, "evals": evals, "hits": hits, "total_evals": state.evaluations,
+              **{key: float(value) for key, value in stats.compile(state.population).items()},
+              "diversity": mean_pairwise_hamming(state.population)}
+    state.logbook.record(**record)
+    state.history.append({"best": to_string(state.hall_of_fame[0]), "frequencies": gene_frequencies(state.population)})
+    return record
+
+
+def best_record(state: SearchState, definition: dict[str, Any], provenance: dict[str, Any]) -> ChromosomeRecord:
+    genes, fitness = state.best()
+    measured = {"perplexity": fitness.perplexity, "nll": fitness.nll, "tokens": fitness.tokens,
+                "seq_len": definition["seq_len"], "data": definition["data"],
+                "calibration": definition.get("calibration"), "merge": definition.get("merge")}
+    extra = {**provenance, "generation": state.generation, "evaluations": state.evaluations}
+    return ChromosomeRecord(tuple(genes), definition["model"], definition["num_layers"], measured, extra)
+
+
+def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], search: SearchConfig, removed: int) -> None:
+    """Refuse to continue a run whose fitness meant something else, or whose search differs."""
+    saved = checkpoint["definition"]
+    changed = sorted(key for key in set(saved) | set(definition) if saved.get(key) != definition.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {definition.get(key)!r}" for key in changed)
+        raise RunError(f"cannot resume: the fitness is measured differently from the run's ({details})")
+    if checkpoint["removed"] != removed:
+        raise RunError(f"cannot resume: the run removes {checkpoint['removed']} layers, this asks for {removed}")
+    before = {k: v for k, v in checkpoint["search"].items() if k != "gens"}
+    now = {k: v for k, v in search.to_dict().items() if k != "gens"}
+    if before != now:
+        changed = sorted(k for k in before if before[k] != now.get(k))
+        raise RunError(f"cannot resume: search settings differ from the run's ({', '.join(changed)})")
+
+
+def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
+           provenance: dict[str, Any] | None = None, progress: bool = True) -> SearchState:
+    """Run (or continue) the search in `folder` up to `search.gens` generations."""
+    provenance = provenance or {}
+    removed = search.removed(evaluator.num_layers)
+    definition = evaluator.describe()
+    toolbox, stats = build_toolbox(search, evaluator.num_layers, removed), build_statistics()
+    checkpoint = folder.load_checkpoint()
+    if checkpoint is not None:
+        check_resumable(checkpoint, definition, search, removed)
+        state = SearchState.from_json(checkpoint["state"], search.hof)
+    else:
+        state = SearchState(0, [], tools.HallOfFame(search.hof), tools.Logbook(), random.Random(search.seed))
+    if state.generation >= search.gens and state.population:
+        raise RunError(f"run in {folder.path} already finished {state.generation} generations; "
+                       f"pass a larger --gens to continue it")
+
+    def finish_generation(evals: int, hits: int, seconds: float) -> None:
+        record = record_generation(state, evals, hits, stats)
+        board.log_generation(record, [ind.fitness.values[0] for ind in state.population], seconds, state.history)
+        folder.save_checkpoint({"definition": definition, "removed": removed, "search": search.to_dict(),
+                                "state": state.to_json()})
+        best_record(state, definition, provenance).save(folder.best_path)
+        bar.set_postfix(best=f"{record['best']:.3f}", mean=f"{record['mean']:.3f}", evals=state.evaluations)
+        bar.update(1)
+
+    from tqdm.auto import tqdm
+    board = Board(folder.board_path, first_step=state.generation + 1 if state.population else 0)
+    bar = tqdm(total=search.gens + 1, initial=state.generation + 1 if state.population else 0,
+               desc="generations", unit="gen", disable=not progress)
+    try:
+        if not state.population:
+            started = time.perf_counter()
+            state.population = initial_population(toolbox, search, evaluator, state, removed)
+            evals, hits = score(state.population, evaluator, state)
+            finish_generation(evals, hits, time.perf_counter() - started)
+        for generation in range(state.generation + 1, search.gens + 1):
+            started = time.perf_counter()
+            with drawing_from(state.rng):
+                offspring = next_generation(state.population, toolbox, search)
+            evals, hits = score(offspring, evaluator, state)
+            state.population, state.generation = offspring, generation
+            finish_generation(evals, hits, time.perf_counter() - started)
+    finally:
+        bar.close()
+        board.close()
+    return state
+
+
+__all__ = ["Individual", "SearchState", "evolve"]

@@ -1,0 +1,127 @@
+"""`python -m ga.run`: search for the layers to skip, keep and merge under a layer budget.
+
+Writes runs/<name>/ with config.json, checkpoint.json (after every generation), best.json
+and TensorBoard logs in tb/. `--resume runs/<name>` continues a stopped run exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from chromosomes import ChromosomeError
+from evaluators.cli import add_config_arguments, fail
+from evaluators.fitness import EvaluatorConfig
+from evaluators.models import ModelLoadError
+from evaluators.text import TextError
+from ga.checkpoint import RunError, RunFolder
+from ga.config import SearchConfig
+from ga.engine import evolve
+
+RUNTIME_DEFAULTS: dict[str, Any] = {"workers": "auto", "ray_address": None}
+# Settings that change how a run is computed but not what it computes: --resume may change them.
+RESUMABLE = {"gens", "device", "threads", "batch_size", "data_dir", "share_prefix"}
+_GIVEN = object()  # marks options the user did not type, so that --resume keeps the run's values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ga.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example: python -m ga.run --pop 32 --gens 50 --ratio 0.25 --calib-steps 4")
+    add_config_arguments(parser, SearchConfig, "search")
+    add_config_arguments(parser, EvaluatorConfig, "fitness (model, text, calibration)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--workers", default=RUNTIME_DEFAULTS["workers"],
+                     help="local (in-process), auto (one Ray actor per GPU, or one CPU actor), or a number of actors "
+                          "(default: auto)")
+    run.add_argument("--ray-address", default=RUNTIME_DEFAULTS["ray_address"],
+                     help="join an existing Ray cluster (auto or host:port) instead of starting one")
+    run.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
+    run.add_argument("--name", default=None, help="run folder name (default: ga-<date>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR", default=None,
+                     help="continue the run in RUN_DIR with its saved settings; only --gens, --workers, "
+                          "--ray-address, --device, --threads, --batch-size, --data-dir and --share-prefix may change")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    return parser
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Names of the options the user typed (argparse leaves pre-set attributes alone)."""
+    marked = argparse.Namespace(**{action.dest: _GIVEN for action in parser._actions})
+    return {name for name, value in vars(parser.parse_args(argv, namespace=marked)).items() if value is not _GIVEN}
+
+
+def _section(cls: type, args: argparse.Namespace, base: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    fields = cls.__dataclass_fields__
+    return {**base, **{name: getattr(args, name) for name in fields if name in given}}
+
+
+def refuse_changed_settings(args: argparse.Namespace, given: set[str], saved: dict[str, Any]) -> None:
+    changed = sorted(name for name in given & set(saved) - RESUMABLE if getattr(args, name) != saved[name])
+    if changed:
+        details = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)!r} (run has {saved[name]!r})"
+                            for name in changed)
+        raise RunError(f"cannot resume {args.resume}: {details}; a resumed run keeps the settings it started with")
+
+
+def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[RunFolder, dict[str, Any]]:
+    """The run folder and its configuration: new from the options, or the saved one with overrides."""
+    if args.resume:
+        folder = RunFolder(args.resume)
+        saved = folder.read_config()
+        refuse_changed_settings(args, given, {**saved["search"], **saved["evaluator"]})
+        config = {
+            "search": _section(SearchConfig, args, saved["search"], given),
+            "evaluator": _section(EvaluatorConfig, args, saved["evaluator"], given),
+            "runtime": {**saved.get("runtime", RUNTIME_DEFAULTS),
+                        **{k: getattr(args, k) for k in RUNTIME_DEFAULTS if k in given}},
+        }
+        return folder, config
+    everything = set(vars(args))
+    config = {
+        "search": _section(SearchConfig, args, {}, everything),
+        "evaluator": _section(EvaluatorConfig, args, {}, everything),
+        "runtime": {k: getattr(args, k) for k in RUNTIME_DEFAULTS},
+    }
+    name = args.name or time.strftime("ga-%Y%m%d-%H%M%S")
+    return RunFolder(Path(args.out) / name), config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        folder, config = plan_run(args, given_options(parser, argv))
+        search = SearchConfig.from_dict(config["search"])
+        evaluator_config = EvaluatorConfig.from_dict(config["evaluator"])
+        if args.resume:
+            folder.write_config(config)
+        else:
+            folder.create(config)
+    except (RunError, ValueError, ChromosomeError) as error:
+        fail(str(error))
+    from evaluators.pool import open_evaluator  # Ray is imported only once the options are sound
+
+    provenance = {"run": folder.path.name, "search": search.to_dict(), "evaluator": evaluator_config.to_dict()}
+    started = time.perf_counter()
+    try:
+        with open_evaluator(evaluator_config, config["runtime"]["workers"], config["runtime"]["ray_address"]) as evaluator:
+            state = evolve(evaluator, search, folder, provenance, progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every finished generation is checkpointed in {folder.checkpoint_path}\n"
+              f"continue with: python -m ga.run --resume {folder.path}", file=sys.stderr)
+        return 130
+    except (RunError, ChromosomeError, ModelLoadError, TextError, ValueError, TimeoutError) as error:
+        fail(str(error))
+    genes, fitness = state.best()
+    print(f"best chromosome {''.join(map(str, genes))}  perplexity {fitness.perplexity:.4f} on {fitness.tokens} "
+          f"calibration tokens\n{state.evaluations} evaluations in {time.perf_counter() - started:.1f} s; "
+          f"wrote {folder.best_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The search engine on a synthetic fitness: it optimizes, keeps the budget, never re-scores,
+and its checkpoint holds everything."""
+import json
+
+import pytest
+
+from chromosomes import layers_removed, to_string, validate
+from ga.baselines import random_search
+from ga.checkpoint import RunError, RunFolder
+from ga.config import SearchConfig
+from ga.engine import evolve
+from tests.synthetic import PlantedEvaluator
+
+TARGET = [1, 1, 0, 1, 2, 1, 1, 1, 0, 2, 1, 1, 1, 1, 0, 1, 1, 2, 1, 1, 0, 1, 1, 0]  # 24 layers, 8 removed
+
+
+def run(tmp_path, name, evaluator, **settings):
+    search = SearchConfig(**{"pop": 20, "gens": 25, "remove": 8, "seed": 0, **settings})
+    return evolve(evaluator, search, RunFolder(tmp_path / name), progress=False)
+
+
+def test_ga_finds_a_planted_optimum_far_more_often_than_random_search(tmp_path):
+    ga_hits = random_hits = 0
+    for seed in range(8):
+        evaluator = PlantedEvaluator(TARGET)
+        state = run(tmp_path, f"s{seed}", evaluator, seed=seed)
+        ga_hits += state.best()[0] == TARGET
+        found = random_search(PlantedEvaluator(TARGET), 8, state.evaluations, seed=seed)
+        random_hits += found.genes == TARGET
+    assert ga_hits >= 6, ga_hits
+    assert random_hits <= 1, random_hits
+
+
+def test_every_individual_meets_the_budget_and_nothing_is_scored_twice(tmp_path):
+    evaluator = PlantedEvaluator(TARGET)
+    state = run(tmp_path, "budget", evaluator, gens=10)
+    checkpoint = json.loads((tmp_path / "budget" / "checkpoint.json").read_text())
+    for entry in checkpoint["state"]["population"] + checkpoint["state"]["hall_of_fame"]:
+        validate(entry["genes"], 24)
+        assert layers_removed(entry["genes"]) == 8
+    assert max(evaluator.calls.values()) == 1
+    assert state.evaluations == len(evaluator.calls) == len(state.cache)
+    assert sum(r["evals"] for r in state.logbook) == state.evaluations
+    assert all(r["evals"] + r["hits"] <= 20 for r in state.logbook)
+
+
+def test_elites_survive_so_the_best_never_gets_worse(tmp_path):
+    state = run(tmp_path, "elite", PlantedEvaluator(TARGET), gens=15, elite=2)
+    bests = [record["best"] for record in state.logbook]
+    assert all(later <= earlier for earlier, later in zip(bests, bests[1:]))
+    assert bests[-1] < bests[0]
+
+
+def test_skip_only_search_never_merges(tmp_path):
+    state = run(tmp_path, "skip", PlantedEvaluator(TARGET), gens=5, merge=False)
+    assert all(2 not in ind for ind in state.population)
+
+
+def test_importance_seeding_starts_from_the_one_shot_chromosome(tmp_path):
+    evaluator = PlantedEvaluator(TARGET)
+    state = run(tmp_path, "seeded", evaluator, gens=1, init="importance")
+    singles = [key for key in evaluator.calls if key.count("0") == 1 and "2" not in key]
+    assert len(singles) == 24  # every single-layer removal scored once
+    first = json.loads((tmp_path / "seeded" / "checkpoint.json").read_text())["state"]["history"][0]
+    assert first["best"] in state.cache
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    a = run(tmp_path, "a", PlantedEvaluator(TARGET), gens=6, seed=3)
+    b = run(tmp_path, "b", PlantedEvaluator(TARGET), gens=6, seed=3)
+    c = run(tmp_path, "c", PlantedEvaluator(TARGET), gens=6, seed=4)
+    assert list(a.logbook) == list(b.logbook)
+    assert [list(i) for i in a.population] == [list(i) for i in b.population]
+    assert [list(i) for i in a.population] != [list(i) for i in c.population]
+
+
+def test_continuing_in_steps_equals_one_run(tmp_path):
+    whole = run(tmp_path, "whole", PlantedEvaluator(TARGET), gens=8, seed=5)
+    run(tmp_path, "steps", PlantedEvaluator(TARGET), gens=3, seed=5)
+    steps = run(tmp_path, "steps", PlantedEvaluator(TARGET), gens=8, seed=5)
+    assert list(steps.logbook) == list(whole.logbook)
+    assert steps.best() == whole.best()
+
+
+def test_resume_refuses_another_budget_or_fitness_and_a_finished_run(tmp_path):
+    run(tmp_path, "r", PlantedEvaluator(TARGET), gens=2)
+    with pytest.raises(RunError, match="removes 8 layers, this asks for 6"):
+        run(tmp_path, "r", PlantedEvaluator(TARGET), gens=3, remove=6)
+    with pytest.raises(RunError, match="num_layers"):
+        run(tmp_path, "r", PlantedEvaluator(TARGET[:-1] + [1, 1]), gens=3)
+    with pytest.raises(RunError, match="search settings differ.*tournament"):
+        run(tmp_path, "r", PlantedEvaluator(TARGET), gens=3, tournament=5)
+    with pytest.raises(RunError, match="already finished 2 generations"):
+        run(tmp_path, "r", PlantedEvaluator(TARGET), gens=2)
+
+
+def test_best_json_describes_the_best_individual(tmp_path):
+    from chromosomes import ChromosomeRecord
+    state = run(tmp_path, "best", PlantedEvaluator(TARGET), gens=4)
+    record = ChromosomeRecord.load(tmp_path / "best" / "best.json", num_layers=24)
+    genes, fitness = state.best()
+    assert list(record.genes) == genes and record.fitness["perplexity"] == fitness.perplexity
+    assert record.fitness["data"] == "synthetic" and record.extra["generation"] == 4
+    assert to_string(genes) in state.cache
