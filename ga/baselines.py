@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from chromosomes import random_chromosome, to_string
+from chromosomes import random_chromosome, repair, to_string
 from evaluators.fitness import Evaluator, Fitness
 
 
@@ -33,3 +33,46 @@ def random_search(evaluator: Evaluator, removed: int, evaluations: int, seed: in
                 best = (genes, fitness)
     assert best is not None
     return SearchResult(best[0], best[1], len(seen))
+
+
+def _swap_mutation(parent: list[int], rng: random.Random, merge: bool) -> list[int]:
+    """EvoPress's level switch: 1 to 3 times, a removed layer comes back and a kept one goes."""
+    child = list(parent)
+    for _ in range(rng.randint(1, 3)):
+        dropped = [i for i, g in enumerate(child) if g != 1]
+        kept = [i for i, g in enumerate(child) if g == 1]
+        i, j = rng.choice(dropped), rng.choice(kept)
+        child[i], child[j] = 1, (rng.choice((0, 2)) if merge else 0)
+    return repair(child, sum(g != 1 for g in parent), rng, merge)
+
+
+def evopress_search(evaluator: Evaluator, removed: int, evaluations: float, seed: int, full_tokens: int,
+                    offspring: int = 16, survivors: int = 2, screen_tokens: int | None = None,
+                    merge: bool = False) -> SearchResult:
+    """EvoPress-style (1 + lambda) search with staged selection.
+
+    Each generation mutates the parent into `offspring` children, scores all of them on
+    `screen_tokens` tokens, re-scores the best `survivors` on all `full_tokens`, and the best of
+    those replaces the parent if it beats it. The budget is counted in full-evaluation
+    equivalents (a screening costs screen_tokens / full_tokens of one).
+    """
+    rng = random.Random(seed)
+    screen_tokens = screen_tokens or max(1, full_tokens // 8)
+    screen_cost = screen_tokens / full_tokens
+    full: dict[str, Fitness] = {}
+    parent = random_chromosome(evaluator.num_layers, removed, rng, merge)
+    full[to_string(parent)], = evaluator.evaluate([parent])
+    spent = 1.0
+    while spent + offspring * screen_cost + survivors <= evaluations:
+        children = [_swap_mutation(parent, rng, merge) for _ in range(offspring)]
+        screened = evaluator.evaluate(children, tokens=screen_tokens)
+        spent += offspring * screen_cost
+        ranked = sorted(zip(children, screened), key=lambda pair: pair[1].nll)[:survivors]
+        fresh = [genes for genes, _ in ranked if to_string(genes) not in full]
+        for genes, fitness in zip(fresh, evaluator.evaluate(fresh) if fresh else []):
+            full[to_string(genes)] = fitness
+        spent += len(fresh)
+        best = min((genes for genes, _ in ranked), key=lambda g: full[to_string(g)].nll)
+        if full[to_string(best)].nll < full[to_string(parent)].nll:
+            parent = best
+    return SearchResult(parent, full[to_string(parent)], round(spent))

@@ -59,11 +59,14 @@ class RunFolder:
     def board_path(self) -> Path:
         return self.path / "tb"
 
-    def create(self, config: dict[str, Any]) -> None:
-        """Start a new run; an existing folder (finished or not) is never reused silently."""
+    def refuse_existing(self) -> None:
+        """A new run never reuses a folder, finished or not."""
         if self.path.exists() and any(self.path.iterdir()):
             raise RunError(f"run folder {self.path} already exists; continue it with --resume {self.path} "
                            "or choose another --name")
+
+    def create(self, config: dict[str, Any]) -> None:
+        self.refuse_existing()
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.config_path, config)
 

@@ -23,6 +23,9 @@ class SearchConfig:
     elite: int = field(default=2, metadata={"help": "best individuals copied unchanged into the next generation"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
     init: str = field(default="random", metadata={"help": "initial population: random, or importance (seeded from the layers whose single removal hurts least)"})
+    max_evals: int = field(default=0, metadata={"help": "stop after the generation in which this many chromosomes have been scored (0: no limit)"})
+    screen_tokens: int = field(default=0, metadata={"help": "multi-fidelity: breed --screen-factor times more offspring, score them on this many tokens, fully score only the best (0: off)"})
+    screen_factor: int = field(default=2, metadata={"help": "offspring bred per place when screening"})
     seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same run"})
 
     def __post_init__(self) -> None:
@@ -38,6 +41,10 @@ class SearchConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        if self.max_evals < 0 or self.screen_tokens < 0:
+            raise ValueError("max_evals and screen_tokens must not be negative")
+        if self.screen_factor < 1:
+            raise ValueError(f"screen_factor must be at least 1, got {self.screen_factor}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.remove is not None and self.ratio is not None:

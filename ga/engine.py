@@ -78,7 +78,9 @@ class SearchState:
     logbook: tools.Logbook
     rng: random.Random
     cache: dict[str, Fitness] = field(default_factory=dict)  # gene string -> fitness: never score twice
+    screen_cache: dict[str, Fitness] = field(default_factory=dict)  # the same on the screening tokens
     evaluations: int = 0
+    screenings: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # per generation: best genes, gene shares
 
     def best(self) -> tuple[list[int], Fitness]:
@@ -95,7 +97,9 @@ class SearchState:
             "logbook": list(self.logbook),
             "random_state": rng_state_to_json(self.rng.getstate()),
             "cache": {key: fitness.to_dict() for key, fitness in self.cache.items()},
+            "screen_cache": {key: fitness.to_dict() for key, fitness in self.screen_cache.items()},
             "evaluations": self.evaluations,
+            "screenings": self.screenings,
             "history": self.history,
         }
 
@@ -115,7 +119,8 @@ class SearchState:
             generation=data["generation"], population=[individual(e) for e in data["population"]],
             hall_of_fame=hall_of_fame, logbook=logbook, rng=restore_rng(data["random_state"]),
             cache={key: Fitness.from_dict(value) for key, value in data["cache"].items()},
-            evaluations=data["evaluations"], history=data["history"],
+            screen_cache={key: Fitness.from_dict(value) for key, value in data["screen_cache"].items()},
+            evaluations=data["evaluations"], screenings=data["screenings"], history=data["history"],
         )
 
 
@@ -161,16 +166,40 @@ def initial_population(toolbox: base.Toolbox, search: SearchConfig, evaluator: E
         return seeds + [toolbox.individual() for _ in range(search.pop - len(seeds))]
 
 
-def next_generation(population: list[Individual], toolbox: base.Toolbox, search: SearchConfig) -> list[Individual]:
-    """Elites unchanged, the rest bred from tournament winners by crossover and mutation."""
-    elites = [toolbox.clone(ind) for ind in tools.selBest(population, search.elite)]
-    parents = toolbox.select(population, len(population) - search.elite)
-    return elites + algorithms.varAnd(parents, toolbox, search.cx_prob, search.mut_prob)
+def breed(population: list[Individual], toolbox: base.Toolbox, search: SearchConfig, count: int) -> list[Individual]:
+    """`count` offspring of tournament winners, by crossover and mutation."""
+    return algorithms.varAnd(toolbox.select(population, count), toolbox, search.cx_prob, search.mut_prob)
+
+
+def screen(candidates: list[Individual], keep: int, evaluator: Evaluator, state: SearchState,
+           tokens: int) -> list[Individual]:
+    """Multi-fidelity: the `keep` candidates with the lowest perplexity on the first `tokens` tokens."""
+    keys = [to_string(ind) for ind in candidates]
+    new = list(dict.fromkeys(key for key in keys if key not in state.screen_cache))
+    if new:
+        for key, fitness in zip(new, evaluator.evaluate([from_string(key) for key in new], tokens=tokens)):
+            state.screen_cache[key] = fitness
+        state.screenings += len(new)
+    order = sorted(range(len(candidates)), key=lambda i: (state.screen_cache[keys[i]].nll, i))
+    return [candidates[i] for i in order[:keep]]
+
+
+def next_generation(state: SearchState, toolbox: base.Toolbox, search: SearchConfig,
+                    evaluator: Evaluator) -> list[Individual]:
+    """Elites unchanged, the rest bred from tournament winners (and screened, if asked)."""
+    with drawing_from(state.rng):
+        elites = [toolbox.clone(ind) for ind in tools.selBest(state.population, search.elite)]
+        places = len(state.population) - search.elite
+        offspring = breed(state.population, toolbox, search, places * (search.screen_factor if search.screen_tokens else 1))
+    if search.screen_tokens:
+        offspring = screen(offspring, places, evaluator, state, search.screen_tokens)
+    return elites + offspring
 
 
 def record_generation(state: SearchState, evals: int, hits: int, stats: tools.Statistics) -> dict[str, Any]:
     state.hall_of_fame.update(state.population)
     record = {"gen": state.generation, "evals": evals, "hits": hits, "total_evals": state.evaluations,
+              "screenings": state.screenings,
               **{key: float(value) for key, value in stats.compile(state.population).items()},
               "diversity": mean_pairwise_hamming(state.population)}
     state.logbook.record(**record)
@@ -196,11 +225,16 @@ def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], sear
         raise RunError(f"cannot resume: the fitness is measured differently from the run's ({details})")
     if checkpoint["removed"] != removed:
         raise RunError(f"cannot resume: the run removes {checkpoint['removed']} layers, this asks for {removed}")
-    before = {k: v for k, v in checkpoint["search"].items() if k != "gens"}
-    now = {k: v for k, v in search.to_dict().items() if k != "gens"}
+    extendable = ("gens", "max_evals")  # a run may be continued further than first planned
+    before = {k: v for k, v in checkpoint["search"].items() if k not in extendable}
+    now = {k: v for k, v in search.to_dict().items() if k not in extendable}
     if before != now:
         changed = sorted(k for k in before if before[k] != now.get(k))
         raise RunError(f"cannot resume: search settings differ from the run's ({', '.join(changed)})")
+
+
+def finished(state: SearchState, search: SearchConfig) -> bool:
+    return state.generation >= search.gens or 0 < search.max_evals <= state.evaluations
 
 
 def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
@@ -216,9 +250,9 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
         state = SearchState.from_json(checkpoint["state"], search.hof)
     else:
         state = SearchState(0, [], tools.HallOfFame(search.hof), tools.Logbook(), random.Random(search.seed))
-    if state.generation >= search.gens and state.population:
-        raise RunError(f"run in {folder.path} already finished {state.generation} generations; "
-                       f"pass a larger --gens to continue it")
+    if state.population and finished(state, search):
+        raise RunError(f"run in {folder.path} already finished {state.generation} generations "
+                       f"({state.evaluations} evaluations); pass a larger --gens or --max-evals to continue it")
 
     def finish_generation(evals: int, hits: int, seconds: float) -> None:
         record = record_generation(state, evals, hits, stats)
@@ -239,10 +273,9 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
             state.population = initial_population(toolbox, search, evaluator, state, removed)
             evals, hits = score(state.population, evaluator, state)
             finish_generation(evals, hits, time.perf_counter() - started)
-        for generation in range(state.generation + 1, search.gens + 1):
-            started = time.perf_counter()
-            with drawing_from(state.rng):
-                offspring = next_generation(state.population, toolbox, search)
+        while not finished(state, search):
+            started, generation = time.perf_counter(), state.generation + 1
+            offspring = next_generation(state, toolbox, search, evaluator)
             evals, hits = score(offspring, evaluator, state)
             state.population, state.generation = offspring, generation
             finish_generation(evals, hits, time.perf_counter() - started)

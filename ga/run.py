@@ -11,18 +11,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from chromosomes import ChromosomeError
 from evaluators.cli import add_config_arguments, fail
 from evaluators.fitness import EvaluatorConfig
 from evaluators.models import ModelLoadError
-from evaluators.text import TextError
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
 from ga.engine import evolve
 
 RUNTIME_DEFAULTS: dict[str, Any] = {"workers": "auto", "ray_address": None}
 # Settings that change how a run is computed but not what it computes: --resume may change them.
-RESUMABLE = {"gens", "device", "threads", "batch_size", "data_dir", "share_prefix"}
+RESUMABLE = {"gens", "max_evals", "device", "threads", "batch_size", "data_dir", "share_prefix"}
 _GIVEN = object()  # marks options the user did not type, so that --resume keeps the run's values
 
 
@@ -41,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
     run.add_argument("--name", default=None, help="run folder name (default: ga-<date>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None,
-                     help="continue the run in RUN_DIR with its saved settings; only --gens, --workers, "
-                          "--ray-address, --device, --threads, --batch-size, --data-dir and --share-prefix may change")
+                     help="continue the run in RUN_DIR with its saved settings; only --gens, --max-evals, "
+                          "--workers, --ray-address, --device, --threads, --batch-size, --data-dir and --share-prefix may change")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return parser
 
@@ -97,11 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder, config = plan_run(args, given_options(parser, argv))
         search = SearchConfig.from_dict(config["search"])
         evaluator_config = EvaluatorConfig.from_dict(config["evaluator"])
-        if args.resume:
-            folder.write_config(config)
-        else:
-            folder.create(config)
-    except (RunError, ValueError, ChromosomeError) as error:
+        if not args.resume:
+            folder.refuse_existing()
+    except (RunError, ValueError) as error:  # ChromosomeError and TextError are ValueErrors
         fail(str(error))
     from evaluators.pool import open_evaluator  # Ray is imported only once the options are sound
 
@@ -109,12 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with open_evaluator(evaluator_config, config["runtime"]["workers"], config["runtime"]["ray_address"]) as evaluator:
+            search.removed(evaluator.num_layers)  # an impossible budget fails before the folder exists
+            if args.resume:
+                folder.write_config(config)
+            else:
+                folder.create(config)
             state = evolve(evaluator, search, folder, provenance, progress=args.progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: every finished generation is checkpointed in {folder.checkpoint_path}\n"
               f"continue with: python -m ga.run --resume {folder.path}", file=sys.stderr)
         return 130
-    except (RunError, ChromosomeError, ModelLoadError, TextError, ValueError, TimeoutError) as error:
+    except (RunError, ModelLoadError, ValueError, TimeoutError) as error:
         fail(str(error))
     genes, fitness = state.best()
     print(f"best chromosome {''.join(map(str, genes))}  perplexity {fitness.perplexity:.4f} on {fitness.tokens} "

@@ -102,3 +102,57 @@ def test_best_json_describes_the_best_individual(tmp_path):
     assert list(record.genes) == genes and record.fitness["perplexity"] == fitness.perplexity
     assert record.fitness["data"] == "synthetic" and record.extra["generation"] == 4
     assert to_string(genes) in state.cache
+
+
+def test_tensorboard_holds_curves_histogram_layer_maps_and_best_text(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    state = run(tmp_path, "tb", PlantedEvaluator(TARGET), gens=4)
+    events = EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    for tag in ("perplexity/best", "perplexity/mean", "perplexity/median", "perplexity/worst", "population/diversity",
+                "evaluations/new", "evaluations/cache_hits", "speed/evaluations_per_second",
+                "speed/seconds_per_generation"):
+        assert tag in tags["scalars"], tag
+    assert [e.value for e in events.Scalars("perplexity/best")] == pytest.approx([r["best"] for r in state.logbook])
+    assert [e.step for e in events.Scalars("evaluations/new")] == [0, 1, 2, 3, 4]
+    assert "population/perplexity" in tags["histograms"]
+    best_map = events.Images("layer_map/best")[-1]
+    assert (best_map.width, best_map.height) == (24 * 8, 5 * 8)  # a row per generation, a column per layer
+    assert "layer_map/frequency" in tags["images"]
+    assert "best/chromosome/text_summary" in tags["tensors"]
+
+
+def test_resumed_run_logs_each_generation_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run(tmp_path, "tb2", PlantedEvaluator(TARGET), gens=2)
+    run(tmp_path, "tb2", PlantedEvaluator(TARGET), gens=4)
+    events = EventAccumulator(str(tmp_path / "tb2" / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("perplexity/best")] == [0, 1, 2, 3, 4]
+
+
+def test_max_evals_stops_the_run_after_the_generation_that_reaches_it(tmp_path):
+    state = run(tmp_path, "cap", PlantedEvaluator(TARGET), gens=50, max_evals=100)
+    assert 100 <= state.evaluations < 100 + 20
+    assert state.generation < 50
+    assert sum(r["evals"] for r in state.logbook[:-1]) < 100
+
+
+def test_screening_fully_scores_only_the_best_screened_offspring(tmp_path):
+    class Recording(PlantedEvaluator):
+        def __init__(self, target):
+            super().__init__(target)
+            self.requests = []
+
+        def evaluate(self, population, tokens=None):
+            self.requests.append((tokens, [list(g) for g in population]))
+            return super().evaluate(population, tokens)
+
+    evaluator = Recording(TARGET)
+    state = run(tmp_path, "screen", evaluator, gens=6, screen_tokens=10, screen_factor=3)
+    screened = [genes for tokens, batch in evaluator.requests if tokens == 10 for genes in batch]
+    full = [genes for tokens, batch in evaluator.requests[1:] if tokens is None for genes in batch]
+    assert state.screenings == len(screened) > len(full) > 0
+    assert state.logbook[-1]["screenings"] == state.screenings
+    # every fully scored offspring was among the best third of its generation's screening
+    assert all(g in screened for g in full)
+    assert state.best()[1].perplexity <= state.logbook[0]["best"]
