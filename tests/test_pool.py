@@ -1,0 +1,187 @@
+"""The Ray evaluation pool: same numbers as in-process, whatever actor or order, through faults.
+
+One Ray for the whole session, CPU only, with two fake GPUs (`num_gpus=2`): actors that ask for
+a GPU get a GPU id and CUDA_VISIBLE_DEVICES from Ray but run on the CPU.
+"""
+import os
+import threading
+import time
+
+import pytest
+import ray
+
+from chromosomes import ChromosomeError
+from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.pool import (
+    Cluster, EvaluatorWorker, RayEvaluatorPool, WorkerPlan, open_evaluator, plan_workers, requested_actors,
+    start_actors,
+)
+from evaluators.text import TextError
+
+# Ten chromosomes of the 6-layer tiny model, skips and merges; FIRST sorts first by genes.
+FIRST = (0, 1, 1, 1, 1, 1)
+POPULATION = [(1, 0, 1, 1, 0, 1), (1, 1, 1, 1, 1, 1), (1, 2, 1, 1, 0, 1), FIRST, (1, 1, 0, 1, 1, 0),
+              (1, 0, 1, 2, 1, 0), (1, 1, 2, 2, 1, 1), (0, 1, 1, 0, 1, 1), (1, 0, 1, 1, 1, 0), (1, 1, 1, 0, 0, 1)]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """The one Ray of the session (start-up costs seconds): 8 logical CPUs, 2 fake GPUs."""
+    os.environ["GAPRUNE_CACHE"] = str(tmp_path_factory.getbasetemp() / "gaprune-cache")  # as conftest's
+    ray.init(num_cpus=8, num_gpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    yield Cluster.current()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def config(llama_dir, text_file) -> EvaluatorConfig:
+    return EvaluatorConfig(model=str(llama_dir), data=str(text_file), seq_len=32, score_tokens=256,
+                           batch_size=3, align_tokens=64, threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference(config):
+    """Fitness computed in this process: what every pool must reproduce."""
+    evaluator = ModelEvaluator(config)
+    return {tokens: evaluator.evaluate(POPULATION, tokens) for tokens in (None, 64)}
+
+
+@pytest.fixture(scope="module")
+def gpu_pool(ray_cluster, config):
+    """`--workers auto` on the fake-GPU cluster: one actor per GPU."""
+    with open_evaluator(config, "auto") as pool:
+        yield pool
+
+
+class SlowWorker(EvaluatorWorker):
+    """Pauses before each chunk (long for the chunk holding FIRST), so that chunks finish out of
+    order and an actor can be killed while it holds one."""
+
+    def evaluate(self, population, tokens=None):
+        time.sleep(2.0 if FIRST in map(tuple, population) else 0.3)
+        return super().evaluate(population, tokens)
+
+
+@pytest.fixture(scope="module")
+def slow_actors(ray_cluster, config):
+    return start_actors(config, WorkerPlan(actors=2, gpus=0, threads=1), worker=SlowWorker, max_restarts=2)
+
+
+@pytest.fixture(scope="module")
+def slow_pool(slow_actors):
+    pool = RayEvaluatorPool(slow_actors, start_timeout=60)
+    yield pool
+    pool.close()
+
+
+def nll_and_tokens(fitnesses):
+    """Everything but the wall-clock seconds, which no two runs share."""
+    return [(f.perplexity, f.nll, f.tokens, f.calibrated) for f in fitnesses]
+
+
+def test_pool_scores_exactly_like_the_in_process_evaluator(gpu_pool, reference, config):
+    # Exact equality: each actor runs the same code on the same weights, text and thread count.
+    assert nll_and_tokens(gpu_pool.evaluate(POPULATION)) == nll_and_tokens(reference[None])
+    assert nll_and_tokens(gpu_pool.evaluate(POPULATION, tokens=64)) == nll_and_tokens(reference[64])
+    assert gpu_pool.last_generation.chunks == 4
+    assert gpu_pool.num_layers == 6
+    assert gpu_pool.describe() == ModelEvaluator(config).describe()
+
+
+def test_each_actor_is_pinned_to_its_own_gpu(gpu_pool):
+    placements = gpu_pool.placements
+    assert sorted(p["gpu_ids"][0] for p in placements) == ["0", "1"]
+    assert all(p["gpu_ids"] == [p["cuda_visible_devices"]] for p in placements)
+    assert all(p["device"] == "cpu" for p in placements)  # fake GPUs: device auto stays on the CPU
+    assert len({p["pid"] for p in placements}) == 2
+
+
+def test_results_follow_their_individuals_when_chunks_finish_out_of_order(slow_pool, reference):
+    scored = slow_pool.evaluate(POPULATION)
+    report = slow_pool.last_generation
+    assert report.finished[-1] == 0 and sorted(report.finished) == [0, 1, 2, 3]  # the first chunk ends last
+    assert nll_and_tokens(scored) == nll_and_tokens(reference[None])
+
+
+def test_killed_actor_is_restarted_and_its_chunk_resubmitted(slow_pool, slow_actors, reference):
+    # At 0.5 s the first actor is inside its 2 s chunk (the one holding FIRST); Ray restarts it.
+    killer = threading.Timer(0.5, lambda: ray.kill(slow_actors[0], no_restart=False))
+    killer.start()
+    scored = slow_pool.evaluate(POPULATION)
+    killer.join()
+    report = slow_pool.last_generation
+    assert report.resubmitted == 1 and report.lost_actors == 0
+    assert nll_and_tokens(scored) == nll_and_tokens(reference[None])
+    assert nll_and_tokens(slow_pool.evaluate(POPULATION[:4])) == nll_and_tokens(reference[None][:4])
+
+
+def test_actor_asking_for_a_missing_gpu_fails_within_the_timeout(ray_cluster, config):
+    actor = ray.remote(EvaluatorWorker).options(num_gpus=3).remote(config)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="1 of 1 evaluation actors did not start within 2 s"):
+        RayEvaluatorPool([actor], start_timeout=2)
+    assert time.monotonic() - started < 10
+
+
+def test_text_error_inside_an_actor_is_raised_as_itself(ray_cluster, config, tmp_path):
+    missing = EvaluatorConfig(**{**config.to_dict(), "data": str(tmp_path / "absent.txt"), "device": "cpu"})
+    with pytest.raises(TextError, match="unknown text"):
+        with open_evaluator(missing, "1", start_timeout=60):
+            pass
+
+
+def test_bad_chromosomes_and_token_counts_are_raised_as_themselves(gpu_pool):
+    with pytest.raises(ChromosomeError, match="5 genes but the model has 6"):
+        gpu_pool.evaluate([POPULATION[0], (1, 1, 1, 1, 1)])
+    with pytest.raises(ChromosomeError, match="cannot score on 4096 tokens"):
+        gpu_pool.evaluate(POPULATION[:2], tokens=4096)
+
+
+@pytest.mark.parametrize("workers, message", [
+    ("two", "--workers must be local, auto or a positive number"),
+    ("0", "--workers must be local, auto or a positive number"),
+    ("-1", "--workers must be local, auto or a positive number"),
+    ("3", "asks for 3 GPU actors but the Ray cluster has 2 GPUs"),
+])
+def test_bad_workers_value_names_the_problem(ray_cluster, config, workers, message):
+    with pytest.raises(ValueError, match=message):
+        with open_evaluator(config, workers):
+            pass
+
+
+@pytest.mark.parametrize("address, error, message", [
+    ("127.0.0.1:1", ConnectionError, "no Ray cluster answers at 127.0.0.1:1"),
+    ("localhost", ValueError, "--ray-address must be auto or host:port"),
+    ("host:99999", ValueError, "--ray-address must be auto or host:port"),
+])
+def test_bad_ray_address_names_the_problem(config, address, error, message):
+    with pytest.raises(error, match=message):
+        with open_evaluator(config, "auto", ray_address=address):
+            pass
+
+
+CPU = Cluster(gpus=0, cpus=8, node_cpus=8)
+GPU = Cluster(gpus=4, cpus=32, node_cpus=16)
+
+
+@pytest.mark.parametrize("cluster, workers, settings, plan", [
+    (CPU, "auto", {}, WorkerPlan(1, 0, 8)),
+    (CPU, "2", {}, WorkerPlan(2, 0, 4)),
+    (CPU, "3", {}, WorkerPlan(3, 0, 2)),  # equal shares: the same threads give the same numbers
+    (CPU, "2", {"threads": 3}, WorkerPlan(2, 0, 3)),
+    (Cluster(gpus=0, cpus=32, node_cpus=8), "auto", {}, WorkerPlan(1, 0, 8)),  # no actor spans two nodes
+    (GPU, "auto", {}, WorkerPlan(4, 1, 1)),
+    (GPU, "2", {}, WorkerPlan(2, 1, 1)),
+    (GPU, "2", {"device": "cpu"}, WorkerPlan(2, 0, 16)),
+])
+def test_worker_plans(cluster, workers, settings, plan):
+    assert plan_workers(requested_actors(workers), EvaluatorConfig(**settings), cluster) == plan
+
+
+@pytest.mark.parametrize("cluster, settings, message", [
+    (GPU, {"device": "cuda:1"}, "names one GPU"),
+    (CPU, {"device": "cuda"}, "reports no GPU"),
+])
+def test_device_settings_that_ray_cannot_honour_are_refused(cluster, settings, message):
+    with pytest.raises(ValueError, match=message):
+        plan_workers(None, EvaluatorConfig(**settings), cluster)
