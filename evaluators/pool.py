@@ -129,10 +129,11 @@ class WorkerPlan:
 
 def requested_actors(workers: str) -> int | None:
     """The actor count in a --workers value: None for auto; ValueError for anything unusable."""
-    if workers == AUTO:
+    text = str(workers).strip()
+    if text == AUTO:
         return None
-    if re.fullmatch(r"[0-9]+", workers.strip()) and int(workers) > 0:
-        return int(workers)
+    if re.fullmatch(r"[0-9]+", text) and int(text) > 0:
+        return int(text)
     raise ValueError(f"--workers must be {LOCAL}, {AUTO} or a positive number of actors, got {workers!r}")
 
 
@@ -217,6 +218,8 @@ class RayEvaluatorPool:
                  chunks_per_actor: int = 2, max_chunk_attempts: int = 3):
         if not actors:
             raise ValueError("a pool needs at least one actor")
+        if chunks_per_actor < 1 or max_chunk_attempts < 1:
+            raise ValueError("chunks_per_actor and max_chunk_attempts must be at least 1")
         self._actors = list(actors)
         self.start_timeout = start_timeout
         self.chunks_per_actor = chunks_per_actor
@@ -281,6 +284,8 @@ class RayEvaluatorPool:
                     if attempts[index] >= self.max_chunk_attempts:
                         raise PoolError(f"a chunk of {len(chunks[index])} chromosomes lost its actor "
                                         f"{attempts[index]} times (out of memory?): {error}") from error
+                    logger.warning("an evaluation actor died holding %d chromosomes; scoring them again",
+                                   len(chunks[index]))
                     todo.appendleft(index)
                     report.resubmitted += 1
                     recovering[actor.ready.remote()] = (actor, time.monotonic() + self.start_timeout)
@@ -335,8 +340,8 @@ class RayEvaluatorPool:
             have = ", ".join(f"{free.get(key, 0):g} of {cluster.get(key, 0):g} {key}s free" for key in ("GPU", "CPU"))
             raise TimeoutError(
                 f"{len(pending)} of {len(probes)} evaluation actors did not start within {timeout:g} s: "
-                f"Ray could not give them what they ask for ({have}). Use fewer --workers, free the "
-                "cluster, or join one that has the devices (--ray-address)")
+                f"Ray could not place them ({have}) or they are still loading the model. Use fewer "
+                "--workers, free the cluster, join one that has the devices (--ray-address), or allow more time")
         try:
             return ray.get(probes)
         except RayTaskError as error:

@@ -115,6 +115,20 @@ def test_killed_actor_is_restarted_and_its_chunk_resubmitted(slow_pool, slow_act
     assert nll_and_tokens(slow_pool.evaluate(POPULATION[:4])) == nll_and_tokens(reference[None][:4])
 
 
+def test_actor_dead_for_good_is_dropped_and_the_others_finish(ray_cluster, config, reference):
+    actors = start_actors(config, WorkerPlan(actors=2, gpus=0, threads=1), worker=SlowWorker)
+    pool = RayEvaluatorPool(actors, start_timeout=60)
+    killer = threading.Timer(0.5, lambda: ray.kill(actors[0], no_restart=True))
+    killer.start()
+    try:
+        scored = pool.evaluate(POPULATION)
+    finally:
+        killer.join()
+        pool.close()
+    assert pool.last_generation.resubmitted == 1 and pool.last_generation.lost_actors == 1
+    assert nll_and_tokens(scored) == nll_and_tokens(reference[None])
+
+
 def test_actor_asking_for_a_missing_gpu_fails_within_the_timeout(ray_cluster, config):
     actor = ray.remote(EvaluatorWorker).options(num_gpus=3).remote(config)
     started = time.monotonic()
