@@ -1,0 +1,133 @@
+"""Settings of a healing run: what is trained, on what text, for how long, and how it is measured.
+
+Kept apart from the model it changes (as peft keeps `LoraConfig` apart from the model), so
+that the resolved settings can be saved with every checkpoint and report and compared on
+`--resume`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from evaluators.text import CALIBRATION_TEXT, REPORT_TEXTS
+
+# Which linear layers of each decoder layer carry LoRA in each plan; every plan also trains the
+# RMSNorm weights (each layer's input and post-attention norms, and the final norm).
+PLANS: dict[str, tuple[str, ...]] = {
+    "norm": (),
+    "qv": ("q_proj", "v_proj"),
+    "wide": ("q_proj", "v_proj", "o_proj", "gate_proj"),
+}
+
+# Settings that change how a run is carried out or logged but not what it computes:
+# `--resume` accepts new values for these and refuses changes to any other setting.
+RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir"})
+
+
+@dataclass
+class HealConfig:
+    """How a compact model is healed. Every field is saved in the checkpoint and in report.json."""
+
+    plan: str = field(default="qv", metadata={"help": "what is trained: norm (RMSNorm weights only), qv (LoRA on "
+                                                      "q_proj, v_proj + norms), wide (LoRA on q_proj, v_proj, "
+                                                      "o_proj, gate_proj + norms)"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    train_qk_norm: bool = field(default=False, metadata={"help": "also train Qwen3's per-head q_norm/k_norm"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, no weight decay)"})
+    warmup: int = field(default=20, metadata={"help": "steps of linear warm-up; then cosine decay to lr / 10"})
+    batch_size: int = field(default=4, metadata={"help": "windows per forward pass (training and evaluation)"})
+    grad_accum: int = field(default=4, metadata={"help": "forward passes per optimizer step"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per training window"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
+    data: str = field(default=CALIBRATION_TEXT, metadata={"help": "training text: a named set (the calibration "
+                                                                  "side) or a .txt file"})
+    eval_texts: str = field(default=",".join(REPORT_TEXTS), metadata={"help": "held-out texts, comma-separated, "
+                                                                              "measured before and after"})
+    eval_tokens: int = field(default=65536, metadata={"help": "at most this many tokens of each held-out text"})
+    eval_seq_len: int = field(default=1024, metadata={"help": "tokens per evaluation window"})
+    eval_every: int = field(default=0, metadata={"help": "also measure the held-out texts every N steps (0: only "
+                                                         "before and after)"})
+    checkpoint_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps (0: never)"})
+    model: str | None = field(default=None, metadata={"help": "base model (default: the one named in the chromosome "
+                                                              "file)"})
+    data_dir: str | None = field(default=None, metadata={"help": "local copy of the named texts (default "
+                                                                 "$GAPRUNE_DATA_DIR)"})
+    dtype: str = field(default="auto", metadata={"help": "precision of the frozen weights, the computation and the "
+                                                         "export: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
+                                                         "float16; trained weights stay fp32 until the export"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
+                                                                          "pass (less memory, slower)"})
+    seed: int = field(default=0, metadata={"help": "seed for the adapter initialisation, data order and dropout: "
+                                                   "the same seed gives the same weights"})
+
+    def __post_init__(self) -> None:
+        if self.plan not in PLANS:
+            raise ValueError(f"plan must be one of {', '.join(PLANS)}, got {self.plan!r}")
+        for name in ("rank", "alpha", "steps", "batch_size", "grad_accum", "eval_tokens"):
+            _require_int(self, name, minimum=1)
+        for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
+            _require_int(self, name, minimum=0)
+        for name in ("seq_len", "eval_seq_len"):
+            _require_int(self, name, minimum=2)
+        if self.eval_tokens < self.eval_seq_len:
+            raise ValueError(f"eval_tokens ({self.eval_tokens}) must hold at least one window of "
+                             f"eval_seq_len ({self.eval_seq_len})")
+        if self.warmup >= self.steps:
+            raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
+        _require_number(self, "lr", positive=True)
+        _require_number(self, "grad_clip", positive=False)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        names = self.eval_text_names
+        if not names or any(not name for name in names):
+            raise ValueError(f"eval_texts must name at least one text, comma-separated, got {self.eval_texts!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval_texts names a text twice: {self.eval_texts!r}")
+        if self.data in names:
+            raise ValueError(f"{self.data} is the training text: it cannot also be a held-out text (eval_texts)")
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        return PLANS[self.plan]
+
+    @property
+    def eval_text_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.eval_texts.split(","))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HealConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown healing setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def changes_from(self, saved: "HealConfig") -> list[str]:
+        """The settings that differ from a saved run's and that a resumed run may not change."""
+        mine, theirs = self.to_dict(), saved.to_dict()
+        return [name for name in mine if name not in RESUMABLE and mine[name] != theirs[name]]
+
+
+def _require_int(config: HealConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+
+
+def _require_number(config: HealConfig, name: str, positive: bool) -> None:
+    value = getattr(config, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        kind = "a positive" if positive else "a non-negative"
+        raise ValueError(f"{name} must be {kind} finite number, got {value!r}")

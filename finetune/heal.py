@@ -1,0 +1,192 @@
+"""Healing a pruned model end to end: check the inputs, cut the compact model, measure, train, export.
+
+`prepare` does everything that can fail without the model's weights (chromosome, depth, settings,
+output folder, texts), so that a bad input costs a second; `run` does the heavy part and publishes
+the output folder laid out as `python -m finetune.best --help` describes.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from peft import PeftModel
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from chromosomes import ChromosomeRecord, to_string, write_json_atomic
+from evaluators.models import model_folder, resolve_device, resolve_dtype
+from evaluators.text import load_text, text_blocks
+from finetune.checkpoint import TrainState, read_state
+from finetune.config import HealConfig
+from finetune.model import (
+    attach_adapter, build_compact, check_windows, has_merges, load_chromosome, merge_settings, trainable_parameters,
+)
+from finetune.output import OutputError, OutputFolder
+from finetune.train import Measurements, log_measurements, measure, train
+
+REPORT_FORMAT = "gaprune.heal-report"
+REPORT_VERSION = 1
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs that could be had without loading the model's weights."""
+
+    record: ChromosomeRecord
+    spec: str  # the base model the chromosome is applied to
+    config: HealConfig
+    folder: OutputFolder
+    replace: bool
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: PreTrainedTokenizerBase
+    train_blocks: torch.Tensor  # [n, seq_len] windows of the training text
+    eval_blocks: dict[str, torch.Tensor]  # held-out text -> [n, eval_seq_len] windows
+    state: TrainState  # fresh, or the checkpoint's when resuming
+    resume_from: Path | None  # the checkpoint folder to resume from
+
+
+def resolve_precision(config: HealConfig) -> tuple[torch.device, torch.dtype]:
+    try:
+        device = resolve_device(config.device)
+    except RuntimeError:
+        raise ValueError(f"device {config.device!r} is not a device torch knows (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} asked for, but torch sees no GPU")
+    return device, resolve_dtype(config.dtype, device)
+
+
+def resumed_state(folder: OutputFolder, config: HealConfig) -> tuple[TrainState, Path]:
+    """The interrupted run's state, refusing settings that would make it a different run."""
+    found = read_state(folder.checkpoints)
+    assert found is not None  # OutputFolder.check refused --resume without a checkpoint
+    state, checkpoint = found
+    changed = config.changes_from(HealConfig.from_dict(state.config))
+    if changed:
+        details = ", ".join(f"--{name.replace('_', '-')} {getattr(config, name)!r} (run has {state.config[name]!r})"
+                            for name in changed)
+        raise OutputError(f"cannot resume {folder.path}: {details}; a resumed run keeps the settings it started with")
+    state.config = config.to_dict()
+    return state, checkpoint
+
+
+def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace: bool = False,
+            resume: bool = False) -> Prepared:
+    """Check every input and read the texts; raises with a message that names the problem."""
+    record, spec = load_chromosome(chromosome, config.model)
+    check_windows(config, spec)
+    if has_merges(record):  # the merge reads the search's calibration text: unknown settings or text fail now
+        searched = merge_settings(record, spec, config)
+        load_text(searched.data, searched.data_dir)
+    device, dtype = resolve_precision(config)
+    folder = OutputFolder(out)
+    folder.check(replace, resume)
+    if resume:
+        state, resume_from = resumed_state(folder, config)
+    else:
+        state, resume_from = TrainState(0, config.to_dict(), {}, None, 0.0), None
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(spec))
+    train_blocks = text_blocks(config.data, tokenizer, config.seq_len, data_dir=config.data_dir)
+    eval_blocks = {name: text_blocks(name, tokenizer, config.eval_seq_len, config.eval_tokens, config.data_dir)
+                   for name in config.eval_text_names}
+    return Prepared(record, spec, config, folder, replace, device, dtype, tokenizer, train_blocks, eval_blocks,
+                    state, resume_from)
+
+
+def save_adapter(model: PeftModel, folder: Path, base: str) -> None:
+    """Save the adapter, naming the compact model it fits as its base.
+
+    peft would name the dense model's folder; loading the adapter onto that model would then
+    silently adapt the wrong layers. A name that is no loadable model fails loudly instead.
+    """
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = base
+    model.save_pretrained(folder, save_embedding_layers=False)  # embeddings are never trained
+
+
+def merged_model(model: PeftModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The adapter folded into the weights: a plain model of the compact architecture, in `dtype`."""
+    merged = model.merge_and_unload()
+    merged.to(dtype)  # the norms were trained in fp32
+    merged.eval().requires_grad_(False)
+    return merged
+
+
+def parameter_counts(adapted: PeftModel, compact_model: int) -> dict[str, int]:
+    """Sizes of the compact model and of what is trained (LoRA matrices, norm weights)."""
+    trained = trainable_parameters(adapted)
+    lora = sum(p.numel() for name, p in trained.items() if "lora_" in name)
+    total = sum(p.numel() for p in trained.values())
+    return {"compact_model": compact_model, "trained": total, "lora": lora, "norm": total - lora}
+
+
+def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
+    """Heal the compact model and publish the output folder; returns the report.
+
+    Without `progress`, transformers' weight-loading bars are silenced as well (a global setting).
+    """
+    p, config = prepared, prepared.config
+    started = time.perf_counter()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+
+    # -- compact model ------------------------------------------------------------------------
+    model, _ = build_compact(p.record, p.spec, config)
+    p.folder.open(resume=p.resume_from is not None)
+    board = SummaryWriter(str(p.folder.tensorboard), purge_step=p.state.step or None)
+    board.add_text("config", f"```\n{config.to_dict()}\n```", p.state.step)
+
+    # -- measure before healing ---------------------------------------------------------------
+    if p.resume_from is None:
+        p.state.before = measure(model, p.eval_blocks, config.batch_size, p.dtype, progress)
+        log_measurements(board, p.state.before, 0)
+
+    # -- train --------------------------------------------------------------------------------
+    compact_size = sum(parameter.numel() for parameter in model.parameters())
+    adapted = attach_adapter(model, config)
+    counts = parameter_counts(adapted, compact_size)
+    state = train(adapted, p.train_blocks, p.eval_blocks, config, p.dtype, p.folder, board, p.state,
+                  p.resume_from, progress)
+
+    # -- export: adapter, merged model, measurements, report ---------------------------------
+    save_adapter(adapted, p.folder.staging / "adapter", f"gaprune-compact:{to_string(p.record.genes)}:{p.spec}")
+    merged = merged_model(adapted, p.dtype)
+    merged.save_pretrained(p.folder.staging)
+    p.tokenizer.save_pretrained(p.folder.staging)
+    after = measure(merged, p.eval_blocks, config.batch_size, p.dtype, progress)
+    log_measurements(board, after, config.steps)
+    board.close()
+    report = build_report(p, state, after, counts, time.perf_counter() - started)
+    p.record.save(p.folder.staging / "chromosome.json")
+    write_json_atomic(p.folder.staging / "report.json", report)
+    p.folder.publish(p.replace)
+    return report
+
+
+def build_report(p: Prepared, state: TrainState, after: Measurements, counts: dict[str, int],
+                 seconds: float) -> dict[str, Any]:
+    config = p.config
+    return {
+        "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
+        "model": p.spec,
+        "layers": {"base": p.record.num_layers, "compact": p.record.num_layers - p.record.removed,
+                   "removed": p.record.removed},
+        "chromosome": to_string(p.record.genes),
+        "before": state.before,
+        "after": after,
+        "training": {"steps": state.step, "tokens": state.step * config.tokens_per_step,
+                     "last_loss": state.last_loss, "seconds": state.seconds},
+        "parameters": counts,
+        "config": config.to_dict(),
+        "merge_settings": merge_settings(p.record, p.spec, config).to_dict() if has_merges(p.record) else None,
+        "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
+        "seconds": seconds,  # this invocation, from model load to publication
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+    }

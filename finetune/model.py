@@ -1,0 +1,132 @@
+"""The compact model a chromosome describes, and the peft adapter that heals it.
+
+The compact model is cut by the evaluators' own surgery (`compact_model`), with the merge
+settings the search used, so the model trained here is the very model the GA scored.
+Everything that can be checked without weights (file format, depth, window lengths, merge
+settings) is checked first, so that a bad input fails in a second, not after a model load.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from chromosomes import ChromosomeError, ChromosomeRecord, Gene
+from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.models import decoder_layers, load_model, model_folder
+from evaluators.surgery import compact_model
+from finetune.config import HealConfig
+
+
+def base_model_config(spec: str) -> dict[str, Any]:
+    """The base model's config.json: its depth and context length, read without loading weights."""
+    return json.loads((model_folder(spec) / "config.json").read_text())
+
+
+def load_chromosome(path: str | Path, spec: str | None) -> tuple[ChromosomeRecord, str]:
+    """The chromosome and the model spec it is applied to, refusing a chromosome made for another depth."""
+    record = ChromosomeRecord.load(path)
+    spec = spec or record.model
+    depth = base_model_config(spec).get("num_hidden_layers")
+    if record.num_layers != depth:
+        raise ChromosomeError(
+            f"{path}: chromosome was made for a model with {record.num_layers} decoder layers, "
+            f"but {spec} has {depth}"
+        )
+    return record, spec
+
+
+def check_windows(config: HealConfig, spec: str) -> None:
+    """Refuse windows longer than the model's context: the positions beyond it were never trained."""
+    context = base_model_config(spec).get("max_position_embeddings")
+    for name in ("seq_len", "eval_seq_len"):
+        if context is not None and getattr(config, name) > context:
+            raise ValueError(f"{name} ({getattr(config, name)}) exceeds the context of {spec} ({context} tokens)")
+
+
+def merge_settings(record: ChromosomeRecord, spec: str, config: HealConfig) -> EvaluatorConfig:
+    """The search's merge settings (saved in best.json), on this machine's model, device and data."""
+    saved = record.extra.get("evaluator")
+    if saved is not None and not isinstance(saved, dict):
+        raise ChromosomeError("the chromosome file's extra.evaluator must be an object of evaluator settings")
+    searched = EvaluatorConfig.from_dict(saved) if saved else EvaluatorConfig(model=record.model)
+    return replace(searched, model=spec, dtype=config.dtype, device=config.device, threads=0,
+                   data_dir=config.data_dir)
+
+
+def has_merges(record: ChromosomeRecord) -> bool:
+    return Gene.MERGE in record.genes
+
+
+def build_compact(
+    record: ChromosomeRecord, spec: str, config: HealConfig
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model and cut it to the chromosome, fusing MERGE blocks as the search did."""
+    if has_merges(record):
+        evaluator = ModelEvaluator(merge_settings(record, spec, config))
+        model, tokenizer, fuse = evaluator.model, evaluator.tokenizer, evaluator.merger
+    else:
+        model, tokenizer = load_model(spec, config.dtype, config.device)
+        fuse = None
+    return compact_model(model, record.genes, fuse), tokenizer
+
+
+def norm_module_names(model: PreTrainedModel, include_qk: bool) -> list[str]:
+    """Names (matched by peft as suffixes) of the RMSNorms to train.
+
+    A decoder layer's own norms are its direct RMSNorm children (input and post-attention);
+    Qwen3's q_norm/k_norm sit inside the attention and join only when asked. The final norm is
+    named by its full path, since its short name `norm` is a suffix of every other norm's.
+    """
+    layer = decoder_layers(model)[0]
+    names = {name for name, child in layer.named_children() if _is_rms_norm(child)}
+    if include_qk:
+        names |= {name for name, child in layer.self_attn.named_children() if _is_rms_norm(child)}
+    final = next(name for name, module in model.named_modules() if module is model.model.norm)
+    return sorted(names) + [final]
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm")
+
+
+def adapter_config(config: HealConfig, norms: list[str]) -> PeftConfig:
+    """LoRA on the plan's projections with the norms trained in full, or the norms alone.
+
+    peft's LoRA needs at least one target layer, so the norm-only plan is peft's LayerNorm
+    tuning (LN tuning) on the same norms: both save a standard adapter folder.
+    """
+    if config.lora_targets:
+        return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=list(config.lora_targets), modules_to_save=norms, task_type="CAUSAL_LM")
+    return LNTuningConfig(target_modules=norms, task_type="CAUSAL_LM")
+
+
+def attach_adapter(model: PreTrainedModel, config: HealConfig) -> PeftModel:
+    """Wrap the compact model in its adapter; trained weights are fp32 whatever the compute dtype.
+
+    The seed fixes the LoRA initialisation, so a resumed run rebuilds the same starting point.
+    """
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(config.seed)
+    with warnings.catch_warnings():
+        # LN tuning warns about every norm it wraps because a norm has no in/out features.
+        warnings.filterwarnings("ignore", message="Unsupported layer type .*RMSNorm")
+        # peft still asks transformers for the old name of the checkpointing flag
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        peft_model = get_peft_model(model, adapter_config(config, norm_module_names(model, config.train_qk_norm)))
+    for parameter in trainable_parameters(peft_model).values():
+        parameter.data = parameter.data.float()  # bf16 cannot hold the small updates of a norm weight near 1
+    return peft_model
+
+
+def trainable_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The trained parameters by name, in a fixed order (the optimizer and checkpoint rely on it)."""
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}

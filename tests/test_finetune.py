@@ -1,0 +1,262 @@
+"""Healing (`python -m finetune.best`) on tiny models: it learns, exports faithfully, resumes exactly,
+trains what each plan says, and refuses bad inputs before loading any weights."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import finetune.heal
+import finetune.train
+from chromosomes import ChromosomeRecord
+from evaluators.fitness import EvaluatorConfig
+from evaluators.models import load_model
+from evaluators.surgery import compact_model
+from evaluators.text import text_blocks
+from finetune.best import main
+from finetune.config import HealConfig
+from finetune.model import attach_adapter, build_compact, trainable_parameters
+from finetune.train import measure
+from tests.tiny import grammar_text
+
+SKIP_ONLY = (1, 0, 1, 1, 0, 1)
+WITH_MERGE = (1, 2, 1, 0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Text of the training grammar that training never reads."""
+    path = tmp_path_factory.mktemp("held") / "held.txt"
+    path.write_text(grammar_text(800, seed=2))
+    return path
+
+
+def chromosome(folder, genes, model_dir, text_file):
+    """A best.json as the GA writes it, search settings included (the merge needs them)."""
+    settings = EvaluatorConfig(model=str(model_dir), data=str(text_file), seq_len=32, score_tokens=128,
+                               align_tokens=64, batch_size=2)
+    path = folder / f"best-{''.join(map(str, genes))}.json"
+    ChromosomeRecord(genes=genes, model=str(model_dir), num_layers=len(genes),
+                     extra={"evaluator": settings.to_dict()}).save(path)
+    return path
+
+
+def options(best, out, text_file, held_out, *extra):
+    return ["--chromosome", str(best), "--out", str(out), "--data", str(text_file), "--eval-texts", str(held_out),
+            "--seq-len", "64", "--eval-seq-len", "64", "--eval-tokens", "1024", "--batch-size", "4",
+            "--grad-accum", "1", "--warmup", "2", "--lr", "1e-2", "--no-progress", *extra]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+PROMPT = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def healed(tmp_path_factory, llama_dir, text_file, held_out):
+    """A qv run that replaces an existing output folder; evaluates and checkpoints along the way."""
+    root = tmp_path_factory.mktemp("healed")
+    out = root / "out"
+    out.mkdir()
+    (out / "old-result.txt").write_text("replaced")
+    best = chromosome(root, SKIP_ONLY, llama_dir, text_file)
+    assert main(options(best, out, text_file, held_out, "--steps", "30", "--eval-every", "10",
+                        "--checkpoint-every", "10", "--replace")) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_loss_falls_and_the_curves_are_in_tensorboard(healed):
+    out, _ = healed
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("train/loss")]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    (held_out_curve,) = [tag for tag in events.Tags()["scalars"] if tag.startswith("eval/")]
+    assert [event.step for event in events.Scalars(held_out_curve)] == [0, 10, 20, 30]
+
+
+def test_held_out_perplexity_of_the_training_grammar_falls(healed, held_out):
+    _, report = healed
+    before, after = report["before"][str(held_out)], report["after"][str(held_out)]
+    assert after["perplexity"] < 0.8 * before["perplexity"]
+    assert after["tokens"] == before["tokens"] == 16 * 63
+    assert report["training"]["steps"] == 30 and report["config"]["plan"] == "qv"
+    assert report["parameters"]["lora"] > 0 and report["parameters"]["norm"] == 4 * 2 * 32 + 32
+
+
+def test_export_replaces_the_old_folder_reloads_to_the_measured_model_and_generates(healed, held_out):
+    out, report = healed
+    assert not (out / "old-result.txt").exists()
+    assert not list(out.parent.glob(".out.*")), "staging or replaced folders were left behind"
+    assert not (out / "checkpoints").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert reloaded.config.num_hidden_layers == 4
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    blocks = text_blocks(str(held_out), tokenizer, 64, 1024)
+    assert measure(reloaded, {str(held_out): blocks}, 4, torch.float32)[str(held_out)] == report["after"][str(held_out)]
+    generated = reloaded.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape == (2, 24)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
+def test_adapter_on_the_rebuilt_compact_model_reproduces_the_export(healed):
+    out, _ = healed
+    record = ChromosomeRecord.load(out / "chromosome.json")
+    assert record.genes == SKIP_ONLY
+    base, _ = build_compact(record, record.model, HealConfig())
+    rebuilt = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().eval()
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(logits(rebuilt, PROMPT), logits(exported, PROMPT))
+
+
+def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(
+        llama_dir, text_file, held_out, tmp_path, monkeypatch, capsys):
+    best = chromosome(tmp_path, WITH_MERGE, llama_dir, text_file)
+    settings = ("--steps", "6", "--checkpoint-every", "2", "--dropout", "0.2")
+    assert main(options(best, tmp_path / "whole", text_file, held_out, *settings)) == 0
+
+    save = finetune.train.save_checkpoint
+
+    def save_then_crash(root, parameters, optimizer, scheduler, state):
+        save(root, parameters, optimizer, scheduler, state)
+        if state.step == 4:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune.train, "save_checkpoint", save_then_crash)
+        assert main(options(best, tmp_path / "cut", text_file, held_out, *settings)) == 130
+    assert "step 4 is checkpointed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as fresh:  # a fresh start would throw the checkpoint away
+        main(options(best, tmp_path / "cut", text_file, held_out, *settings))
+    assert fresh.value.code == 2 and "add --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as changed:
+        main(options(best, tmp_path / "cut", text_file, held_out, *settings, "--lr", "0.5", "--resume"))
+    assert changed.value.code == 2 and "--lr 0.5 (run has 0.01)" in capsys.readouterr().err
+
+    assert main(options(best, tmp_path / "cut", text_file, held_out, *settings, "--resume")) == 0
+    whole, cut = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[key], cut[key]) for key in whole)
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("whole", "cut")]
+    assert reports[0]["after"] == reports[1]["after"] and reports[0]["before"] == reports[1]["before"]
+
+
+PLAN_CASES = [  # family, plan, train_qk_norm, LoRA layers expected
+    ("llama", "norm", False, set()),
+    ("llama", "qv", False, {"q_proj", "v_proj"}),
+    ("mistral", "wide", False, {"q_proj", "v_proj", "o_proj", "gate_proj"}),
+    ("qwen2", "qv", False, {"q_proj", "v_proj"}),
+    ("qwen3", "qv", False, {"q_proj", "v_proj"}),
+    ("qwen3", "norm", True, set()),
+]
+
+
+@pytest.mark.parametrize("family, plan, qk_norm, lora", PLAN_CASES)
+def test_each_plan_trains_its_parameters_and_nothing_else(family, plan, qk_norm, lora, tiny_models):
+    model, _ = load_model(str(tiny_models[family]))
+    compact_model(model, SKIP_ONLY)
+    names = trainable_parameters(attach_adapter(model, HealConfig(plan=plan, train_qk_norm=qk_norm)))
+    lora_layers = {name.split(".")[-4] for name in names if ".lora_" in name}
+    norms = {name for name in names if ".lora_" not in name}
+    assert lora_layers == lora
+    assert len([n for n in names if ".lora_A." in n]) == 4 * len(lora)  # every compact layer, once per target
+    expected_norms = {"input_layernorm", "post_attention_layernorm"} | ({"q_norm", "k_norm"} if qk_norm else set())
+    assert {name.split(".")[-4] for name in norms if ".layers." in name} == expected_norms
+    assert sum(".layers." not in name for name in norms) == 1  # the final norm
+    assert len(norms) == 4 * len(expected_norms) + 1
+    assert all(p.dtype == torch.float32 for p in names.values())
+
+
+def test_a_norm_run_changes_norm_weights_only(llama_dir, text_file, held_out, tmp_path):
+    best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
+    assert main(options(best, tmp_path / "norm", text_file, held_out, "--plan", "norm", "--steps", "3",
+                        "--gradient-checkpointing")) == 0
+    base, _ = load_model(str(llama_dir))
+    before = compact_model(base, SKIP_ONLY).state_dict()
+    after = load_file(tmp_path / "norm" / "model.safetensors")
+    changed = {key for key in after if not torch.equal(after[key], before[key])}
+    assert changed and all(key.endswith("norm.weight") for key in changed)
+    assert len(changed) == 4 * 2 + 1
+
+
+def test_a_bf16_run_trains_in_fp32_and_exports_a_bf16_model(llama_dir, text_file, held_out, tmp_path):
+    best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
+    assert main(options(best, tmp_path / "bf16", text_file, held_out, "--dtype", "bfloat16", "--steps", "3")) == 0
+    assert {v.dtype for v in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+    adapter = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+    # updates of a few lr steps are far below bf16's resolution near 1: only fp32 norms can hold them
+    base, _ = load_model(str(llama_dir))
+    final_norm = adapter["base_model.model.model.norm.weight"]
+    moved = (final_norm - compact_model(base, SKIP_ONLY).model.norm.weight).abs()
+    assert 0 < moved.max() < 0.05 and final_norm.to(torch.bfloat16).float().ne(final_norm).any()
+
+
+@pytest.fixture
+def inputs(tmp_path, llama_dir, text_file, held_out, monkeypatch):
+    """A valid run whose weights must never be loaded: every case below has to fail before that."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("weights were loaded for an input that should have been refused first")
+
+    monkeypatch.setattr(finetune.heal, "build_compact", forbidden)
+    best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "deep.json").write_text(json.dumps({**json.loads(best.read_text()), "genes": [1] * 8,
+                                                    "num_layers": 8}))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("precious")
+    return lambda *extra, chromosome=best: options(chromosome, tmp_path / "out", text_file, held_out, *extra)
+
+
+BAD_INPUTS = [  # extra options (or another chromosome), words the error must contain
+    ({"chromosome": "missing.json"}, "cannot read chromosome file"),
+    ({"chromosome": "bad.json"}, "not valid JSON"),
+    ({"chromosome": "deep.json"}, "made for a model with 8 decoder layers, but"),
+    ((["--plan", "everything"]), "plan must be one of norm, qv, wide"),
+    ((["--steps", "0"]), "steps must be an integer of at least 1"),
+    ((["--lr", "-1"]), "lr must be a positive finite number"),
+    ((["--steps", "5", "--warmup", "5"]), "warmup (5) must be shorter than steps (5)"),
+    ((["--dropout", "1.5"]), "dropout must lie in [0, 1)"),
+    ((["--seq-len", "4096"]), "seq_len (4096) exceeds the context"),
+    ((["--eval-tokens", "10"]), "must hold at least one window"),
+    ((["--dtype", "int8"]), "unknown dtype 'int8'"),
+    ((["--out", "TAKEN"]), "already exists: choose another --out, or pass --replace"),
+    ((["--resume"]), "nothing to resume"),
+    ((["--data", "no-such-text"]), "unknown text 'no-such-text'"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_INPUTS, ids=[m.split()[0] for _, m in BAD_INPUTS])
+def test_bad_inputs_fail_early_with_a_clear_message_and_lose_nothing(change, message, inputs, tmp_path, capsys):
+    if isinstance(change, dict):
+        argv = inputs(chromosome=tmp_path / change["chromosome"])
+    else:
+        extra = [str(tmp_path / "taken") if part == "TAKEN" else part for part in change]
+        argv = inputs(*extra)
+    with pytest.raises(SystemExit) as failure:
+        main(argv)
+    error = capsys.readouterr().err
+    assert failure.value.code == 2
+    assert message in error and "Traceback" not in error
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_module_runs_as_a_command_and_documents_every_setting(tmp_path):
+    shown = subprocess.run([sys.executable, "-m", "finetune.best", "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0
+    for name in HealConfig.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in shown.stdout
+    for flag in ("--chromosome", "--out", "--replace", "--resume"):
+        assert flag in shown.stdout
+    missing = subprocess.run([sys.executable, "-m", "finetune.best", "--chromosome", str(tmp_path / "none.json")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "cannot read chromosome file" in missing.stderr
