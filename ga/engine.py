@@ -81,7 +81,7 @@ class SearchState:
     screen_cache: dict[str, Fitness] = field(default_factory=dict)  # the same on the screening tokens
     evaluations: int = 0
     screenings: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)  # per generation: best genes, gene shares
+    history: list[dict[str, Any]] = field(default_factory=list)  # per generation: best, gene shares, population
 
     def best(self) -> tuple[list[int], Fitness]:
         genes = list(self.hall_of_fame[0])
@@ -203,7 +203,8 @@ def record_generation(state: SearchState, evals: int, hits: int, stats: tools.St
               **{key: float(value) for key, value in stats.compile(state.population).items()},
               "diversity": mean_pairwise_hamming(state.population)}
     state.logbook.record(**record)
-    state.history.append({"best": to_string(state.hall_of_fame[0]), "frequencies": gene_frequencies(state.population)})
+    state.history.append({"best": to_string(state.hall_of_fame[0]), "frequencies": gene_frequencies(state.population),
+                          "population": [to_string(ind) for ind in state.population]})
     return record
 
 

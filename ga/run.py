@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder.refuse_existing()
     except (RunError, ValueError) as error:  # ChromosomeError and TextError are ValueErrors
         fail(str(error))
-    from evaluators.pool import open_evaluator  # Ray is imported only once the options are sound
+    from evaluators.pool import PoolError, open_evaluator  # Ray is imported only once the options are sound
 
     provenance = {"run": folder.path.name, "search": search.to_dict(), "evaluator": evaluator_config.to_dict()}
     started = time.perf_counter()
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted: every finished generation is checkpointed in {folder.checkpoint_path}\n"
               f"continue with: python -m ga.run --resume {folder.path}", file=sys.stderr)
         return 130
-    except (RunError, ModelLoadError, ValueError, TimeoutError) as error:
+    except (RunError, ModelLoadError, ValueError, TimeoutError, ConnectionError, PoolError) as error:
         fail(str(error))
     genes, fitness = state.best()
     print(f"best chromosome {''.join(map(str, genes))}  perplexity {fitness.perplexity:.4f} on {fitness.tokens} "

@@ -1,0 +1,110 @@
+"""`python -m ga.run` end to end on a tiny model: kill it at any moment and it resumes exactly."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+SETTINGS = ["--pop", "8", "--seq-len", "32", "--score-tokens", "1024", "--align-tokens", "64",
+            "--batch-size", "8", "--workers", "local", "--no-progress"]
+
+
+def command(llama_dir, text_file, out, *extra):
+    budget = [] if {"--remove", "--ratio"} & set(extra) else ["--remove", "2"]
+    return [sys.executable, "-m", "ga.run", "--model", str(llama_dir), "--data", str(text_file), "--out", str(out),
+            *SETTINGS, *budget, *extra]
+
+
+def finished_state(folder):
+    checkpoint = json.loads((folder / "checkpoint.json").read_text())
+    state = checkpoint["state"]
+    fitnesses = {key: (value["perplexity"], value["nll"]) for key, value in state["cache"].items()}
+    return state["population"], state["hall_of_fame"], state["logbook"], fitnesses, state["evaluations"]
+
+
+def generation_of(folder):
+    try:
+        return json.loads((folder / "checkpoint.json").read_text())["state"]["generation"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return -1
+
+
+def test_a_run_killed_at_any_moment_resumes_to_the_same_result(llama_dir, text_file, tmp_path):
+    subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "8", "--name", "whole"), check=True)
+    killed = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "8", "--name", "killed"))
+    while generation_of(tmp_path / "killed") < 2:
+        assert killed.poll() is None, "run ended before it could be killed"
+        time.sleep(0.01)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))  # somewhere inside a later generation
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert generation_of(tmp_path / "killed") < 8
+    resumed = subprocess.run(command(llama_dir, text_file, tmp_path, "--resume", str(tmp_path / "killed")),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert finished_state(tmp_path / "killed") == finished_state(tmp_path / "whole")
+    assert json.loads((tmp_path / "killed" / "best.json").read_text())["genes"] == \
+        json.loads((tmp_path / "whole" / "best.json").read_text())["genes"]
+
+
+def test_ctrl_c_exits_cleanly_with_a_checkpoint_and_the_run_continues(llama_dir, text_file, tmp_path):
+    run = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "30", "--name", "int"),
+                           stderr=subprocess.PIPE, text=True)
+    while generation_of(tmp_path / "int") < 1:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130
+    assert "--resume" in stderr and "Traceback" not in stderr
+    stopped_at = generation_of(tmp_path / "int")
+    assert 1 <= stopped_at < 30
+    more = subprocess.run(command(llama_dir, text_file, tmp_path, "--resume", str(tmp_path / "int"), "--gens",
+                                  str(stopped_at + 2)), capture_output=True, text=True)
+    assert more.returncode == 0, more.stderr
+    assert generation_of(tmp_path / "int") == stopped_at + 2
+
+
+def test_resume_with_other_settings_or_into_a_finished_run_is_refused_and_loses_nothing(llama_dir, text_file, tmp_path):
+    subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "1", "--name", "r"), check=True)
+    config_before = (tmp_path / "r" / "config.json").read_bytes()
+    checkpoint_before = (tmp_path / "r" / "checkpoint.json").read_bytes()
+    other = subprocess.run(command(llama_dir, text_file, tmp_path, "--resume", str(tmp_path / "r"), "--remove", "3"),
+                           capture_output=True, text=True)
+    assert other.returncode == 2 and "--remove 3 (run has 2)" in other.stderr
+    finished = subprocess.run(command(llama_dir, text_file, tmp_path, "--resume", str(tmp_path / "r")),
+                              capture_output=True, text=True)
+    assert finished.returncode == 2 and "already finished 1 generations" in finished.stderr
+    again = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "1", "--name", "r"),
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert (tmp_path / "r" / "config.json").read_bytes() == config_before
+    assert (tmp_path / "r" / "checkpoint.json").read_bytes() == checkpoint_before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ratio", "1.5"], "ratio must lie strictly between 0 and 1"),
+    (["--remove", "2", "--remove", "6"], "cannot remove 6 of 6 layers"),
+    (["--model", "/no/such/model"], "neither a known id"),
+    (["--data", "nonsense"], "unknown text 'nonsense'"),
+    (["--elite", "8"], "elite must lie in 0..pop-1"),
+    (["--workers", "many"], "workers"),
+    (["--workers", "auto", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
+])
+def test_bad_options_fail_with_a_message_naming_the_problem(llama_dir, text_file, tmp_path, extra, message):
+    result = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "1", "--name", "bad", *extra),
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "bad").exists()  # nothing is left behind by a run that could not start
+
+
+def test_help_documents_the_options():
+    text = subprocess.run([sys.executable, "-m", "ga.run", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--model", "--data", "--seq-len", "--calib-steps", "--calib-batch", "--remove", "--ratio",
+                   "--seed", "--workers", "--ray-address", "--out", "--resume", "--pop", "--gens"):
+        assert option in text, option
