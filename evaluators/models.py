@@ -78,7 +78,8 @@ def load_model(
     """Load model and tokenizer in eval mode with gradients off (search never trains weights)."""
     folder = model_folder(spec)
     target = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, target))
+    # SDPA: PyTorch's fused attention kernels (flash / memory-efficient on GPU)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, target), attn_implementation="sdpa")
     model.to(target).eval()
     model.requires_grad_(False)
     decoder_layers(model)  # fail now, not deep inside a search, if the layout is unsupported

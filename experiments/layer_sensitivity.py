@@ -9,52 +9,47 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
+from chromosomes import Gene
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.text import CALIBRATION_TEXT
 from experiments.report import RESULTS, save_results
 
-# column -> evaluator settings that differ from the plain one
-SETTINGS = {
-    "merge_mean": {},
-    "merge_mean_calib": {"calib_steps": 4},
-    "merge_sum": {"merge_rule": "sum"},
-    "merge_mean_unaligned": {"align": False},
-}
+
+def single_layer(gene: Gene, num_layers: int, layer: int) -> list[int]:
+    """Every layer kept but `layer`, which gets `gene`."""
+    return [gene if i == layer else Gene.KEEP for i in range(num_layers)]
 
 
-def single_skip(num_layers: int, layer: int) -> list[int]:
-    return [0 if i == layer else 1 for i in range(num_layers)]
+def columns(calib_steps: int) -> dict[str, tuple[Gene, dict[str, Any]]]:
+    """Each column: the gene given to the one changed layer, and the evaluator settings that differ."""
+    return {
+        "skip": (Gene.SKIP, {}),
+        "skip_calib": (Gene.SKIP, {"calib_steps": calib_steps}),
+        "merge_mean": (Gene.MERGE, {}),
+        "merge_mean_calib": (Gene.MERGE, {"calib_steps": calib_steps}),
+        "merge_sum": (Gene.MERGE, {"merge_rule": "sum"}),
+        "merge_mean_unaligned": (Gene.MERGE, {"align": False}),
+    }
 
 
-def single_merge(num_layers: int, layer: int) -> list[int]:
-    return [2 if i == layer else 1 for i in range(num_layers)]
-
-
-def measure(base: EvaluatorConfig, calib_steps: int) -> list[dict]:
+def measure(base: EvaluatorConfig, calib_steps: int) -> list[dict[str, Any]]:
     started = time.perf_counter()
-    plain = ModelEvaluator(base)
-    n = plain.num_layers
-    dense, *skips = plain.evaluate([[1] * n] + [single_skip(n, i) for i in range(n)])
-    merges = {"merge_mean": plain.evaluate([single_merge(n, i) for i in range(1, n)])}
-    calibrated_skips = ModelEvaluator(EvaluatorConfig(**{**base.to_dict(), "calib_steps": calib_steps}))
-    skips_calib = calibrated_skips.evaluate([single_skip(n, i) for i in range(n)])
-    del plain, calibrated_skips
-    for column, change in SETTINGS.items():
-        if column == "merge_mean":
-            continue
-        change = {k: (calib_steps if k == "calib_steps" else v) for k, v in change.items()}
+    dense = ModelEvaluator(base)
+    n = dense.num_layers
+    dense_perplexity = dense.evaluate([[1] * n])[0].perplexity
+    del dense
+    values: dict[str, dict[int, float]] = {}
+    for column, (gene, change) in columns(calib_steps).items():
         evaluator = ModelEvaluator(EvaluatorConfig(**{**base.to_dict(), **change}))
-        merges[column] = evaluator.evaluate([single_merge(n, i) for i in range(1, n)])
+        layers = range(1, n) if gene == Gene.MERGE else range(n)  # layer 0 has nothing to merge into
+        scored = evaluator.evaluate([single_layer(gene, n, i) for i in layers])
+        values[column] = {i: fitness.perplexity for i, fitness in zip(layers, scored)}
         del evaluator
-    rows = []
-    for i in range(n):
-        row = {"layer": i, "dense": dense.perplexity, "skip": skips[i].perplexity, "skip_calib": skips_calib[i].perplexity}
-        for column, values in merges.items():
-            row[column] = values[i - 1].perplexity if i > 0 else None
-        rows.append(row)
-    print(f"measured {len(rows)} layers in {time.perf_counter() - started:.0f} s")
+    rows = [{"layer": i, "dense": dense_perplexity, **{column: v.get(i) for column, v in values.items()}}
+            for i in range(n)]
+    print(f"measured {n} layers in {time.perf_counter() - started:.0f} s")
     return rows
 
 
@@ -93,9 +88,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = EvaluatorConfig(model=args.model, data=args.data, data_dir=args.data_dir, seq_len=args.seq_len,
                            score_tokens=args.score_tokens)
     rows = measure(base, args.calib_steps)
-    columns = ["layer", "dense", "skip", "skip_calib", *SETTINGS]
     save_results("layer_sensitivity", {"settings": base.to_dict(), "calib_steps": args.calib_steps, "rows": rows},
-                 rows, columns)
+                 rows, ["layer", "dense", *columns(args.calib_steps)])
     plot(rows, rows[0]["dense"], RESULTS / "layer_sensitivity.png")
 
 
