@@ -16,6 +16,23 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class Settings:
+    """Mixin for the config dataclasses: a plain-dict round trip (config.json, checkpoints)
+    that names unknown keys instead of failing deep inside the constructor."""
+
+    kind = "setting"  # how error messages call a field: "search setting", "healing setting", ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.kind}(s): {', '.join(sorted(unknown))}")  # type: ignore[attr-defined]
+        return cls(**data)
+
+
 def _base_type(annotation: Any) -> type:
     """`int | None` -> int; `str` -> str (dataclass annotations may be strings under __future__)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):

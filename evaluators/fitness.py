@@ -14,6 +14,7 @@ import torch
 
 from chromosomes import ChromosomeError, blocks, validate
 from evaluators.calibration import calibrated_norms
+from evaluators.cli import Settings
 from evaluators.merge import MERGE_RULES, Geometry, LayerMerger, collect_activations
 from evaluators.models import DEFAULT_MODEL, decoder_layers, load_model
 from evaluators.perplexity import PrefixScorer
@@ -52,8 +53,10 @@ class Evaluator(Protocol):
 
 
 @dataclass
-class EvaluatorConfig:
+class EvaluatorConfig(Settings):
     """How fitness is measured. Every field is saved with a run, so a run can be reproduced."""
+
+    kind = "evaluator setting"
 
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model id, Hugging Face folder or .gguf file"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
@@ -99,16 +102,6 @@ class EvaluatorConfig:
         align = -(-self.align_tokens // self.seq_len)
         return max(align, self.calib_steps * self.calib_batch)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvaluatorConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown evaluator setting(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 class ModelEvaluator:

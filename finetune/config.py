@@ -7,9 +7,9 @@ that the resolved settings can be saved with every checkpoint and report and com
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
+from evaluators.cli import Settings
 from evaluators.text import CALIBRATION_TEXT, REPORT_TEXTS
 
 # Which linear layers of each decoder layer carry LoRA in each plan; every plan also trains the
@@ -26,8 +26,10 @@ RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir"})
 
 
 @dataclass
-class HealConfig:
+class HealConfig(Settings):
     """How a compact model is healed. Every field is saved in the checkpoint and in report.json."""
+
+    kind = "healing setting"
 
     plan: str = field(default="qv", metadata={"help": "what is trained: norm (RMSNorm weights only), qv (LoRA on "
                                                       "q_proj, v_proj + norms), wide (LoRA on q_proj, v_proj, "
@@ -103,15 +105,6 @@ class HealConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HealConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown healing setting(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
 
     def changes_from(self, saved: "HealConfig") -> list[str]:
         """The settings that differ from a saved run's and that a resumed run may not change."""

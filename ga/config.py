@@ -1,16 +1,20 @@
 """Settings of a search: what the GA does, apart from how fitness is measured (EvaluatorConfig)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 from chromosomes import budget
+from evaluators.cli import Settings
 
 INITS = ("random", "importance")
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(Settings):
+    """How the search runs: population, operators, budget and seed (saved in config.json)."""
+
+    kind = "search setting"
+
     pop: int = field(default=32, metadata={"help": "population size"})
     gens: int = field(default=50, metadata={"help": "generations to evolve"})
     remove: int | None = field(default=None, metadata={"help": "decoder layers to remove (or give --ratio)"})
@@ -55,12 +59,3 @@ class SearchConfig:
         ratio = 0.25 if self.remove is None and self.ratio is None else self.ratio
         return budget(num_layers, remove=self.remove, ratio=ratio)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
