@@ -15,6 +15,7 @@ import torch
 from chromosomes import ChromosomeError, blocks, validate
 from evaluators.calibration import calibrated_norms
 from evaluators.cli import Settings
+from evaluators.importance import block_influence
 from evaluators.merge import MERGE_RULES, Geometry, LayerMerger, collect_activations
 from evaluators.models import DEFAULT_MODEL, decoder_layers, load_model
 from evaluators.perplexity import PrefixScorer
@@ -49,6 +50,11 @@ class Evaluator(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """How fitness is measured (model, data, tokens, calibration): saved beside every result."""
+        ...
+
+    def block_influence(self) -> list[float]:
+        """Per layer, how much the dense model's layer changes its input (ShortGPT): a seed for the
+        search at the cost of one dense forward over the scoring text."""
         ...
 
 
@@ -128,6 +134,9 @@ class ModelEvaluator:
             "calibration": {"steps": c.calib_steps, "batch": c.calib_batch, "lr": c.calib_lr},
             "merge": {"rule": c.merge_rule, "align": c.align, "align_tokens": c.align_tokens},
         }
+
+    def block_influence(self) -> list[float]:
+        return block_influence(self.model, self.dense_layers, self.split.score, self.config.batch_size)
 
     @property
     def merger(self) -> LayerMerger:

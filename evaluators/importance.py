@@ -34,8 +34,3 @@ def block_influence(model: PreTrainedModel, layers: Sequence[nn.Module], blocks:
             handle.remove()
     return [total / count for total in totals]
 
-
-def remove_lowest_influence(influence: Sequence[float], removed: int) -> list[int]:
-    """ShortGPT's one-shot choice: skip the `removed` layers of lowest Block Influence."""
-    dropped = set(sorted(range(len(influence)), key=lambda i: (influence[i], i))[:removed])
-    return [0 if i in dropped else 1 for i in range(len(influence))]

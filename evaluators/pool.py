@@ -91,6 +91,9 @@ class EvaluatorWorker:
     def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
         return self._loaded().evaluate(population, tokens)
 
+    def block_influence(self) -> list[float]:
+        return self._loaded().block_influence()
+
     def _loaded(self) -> ModelEvaluator:
         if self._evaluator is None:
             raise PoolError(f"this actor holds no model: {self._failure}")
@@ -246,6 +249,17 @@ class RayEvaluatorPool:
                 ray.kill(actor, no_restart=True)
         self._actors = []
 
+    def block_influence(self) -> list[float]:
+        """One dense forward, so one actor answers; one that died or is restarting passes the question on."""
+        for actor in self._actors:
+            try:
+                return ray.get(actor.block_influence.remote(), timeout=self.start_timeout)
+            except (RayActorError, ActorUnavailableError):
+                continue
+            except RayTaskError as error:
+                _reraise_remote(error)
+        raise PoolError("no actor could answer: every actor died or is restarting")
+
     def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
         genes = [validate(individual, self.num_layers) for individual in population]  # refuse before any work
         if not genes:
@@ -383,6 +397,10 @@ def ray_connection(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    if address is None:
+        # A local Ray starts its workers at nice 15; evaluation is this process's real work, and
+        # on a shared machine a niced actor was measured to get under a tenth of a core.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         ray.init(address=address, include_dashboard=False)
     except ConnectionError as error:

@@ -21,7 +21,6 @@ from typing import Any, Callable, Sequence
 from chromosomes import budget, to_string, write_json_atomic
 from evaluators.calibration import calibrated_norms
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.importance import block_influence, remove_lowest_influence
 from evaluators.perplexity import perplexity
 from evaluators.surgery import layer_view
 from evaluators.text import CALIBRATION_TEXT, REPORT_TEXTS, text_blocks
@@ -30,7 +29,7 @@ from ga.baselines import evopress_search, random_search
 from ga.checkpoint import RunFolder
 from ga.config import SearchConfig
 from ga.engine import evolve
-from ga.seeding import remove_least_harmful, single_skips
+from ga.seeding import single_skips, skip_lowest
 
 
 @dataclass
@@ -60,16 +59,15 @@ def ga_method(merge: bool, calibrate: bool) -> Callable[[Bench], dict[str, Any]]
 
 
 def influence_method(bench: Bench) -> dict[str, Any]:
-    model = bench.plain
-    influence = block_influence(model.model, model.dense_layers, model.split.score, model.config.batch_size)
-    genes = remove_lowest_influence(influence, bench.removed)
-    return {"genes": genes, "fitness": model.evaluate([genes])[0].perplexity, "evaluations": 1,
+    influence = bench.plain.block_influence()
+    genes = skip_lowest(influence, bench.removed)
+    return {"genes": genes, "fitness": bench.plain.evaluate([genes])[0].perplexity, "evaluations": 1,
             "block_influence": influence}
 
 
 def removal_method(bench: Bench) -> dict[str, Any]:
     singles = bench.plain.evaluate(single_skips(bench.plain.num_layers))
-    genes = remove_least_harmful([f.perplexity for f in singles], bench.removed)
+    genes = skip_lowest([f.perplexity for f in singles], bench.removed)
     return {"genes": genes, "fitness": bench.plain.evaluate([genes])[0].perplexity,
             "evaluations": len(singles) + 1, "single_skip_perplexity": [f.perplexity for f in singles]}
 
@@ -162,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--evals", type=int, default=80, help="fitness evaluations per search method")
     parser.add_argument("--pop", type=int, default=16)
-    parser.add_argument("--init", default="importance", help="GA initial population: random or importance")
+    parser.add_argument("--init", default="influence", help="GA initial population: random, importance or influence")
     parser.add_argument("--screen-tokens", type=int, default=0, help="GA multi-fidelity screening tokens (0: off)")
     parser.add_argument("--evopress-offspring", type=int, default=16)
     parser.add_argument("--evopress-survivors", type=int, default=2)

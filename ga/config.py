@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from chromosomes import budget
 from evaluators.cli import Settings
 
-INITS = ("random", "importance")
+INITS = ("random", "importance", "influence")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class SearchConfig(Settings):
     tournament: int = field(default=3, metadata={"help": "tournament size for parent selection"})
     elite: int = field(default=2, metadata={"help": "best individuals copied unchanged into the next generation"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
-    init: str = field(default="random", metadata={"help": "initial population: random, or importance (seeded from the layers whose single removal hurts least)"})
+    init: str = field(default="influence", metadata={"help": "initial population: random; importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer); influence (around ShortGPT's lowest Block Influence layers: one dense forward)"})
     max_evals: int = field(default=0, metadata={"help": "stop after the generation in which this many chromosomes have been scored (0: no limit)"})
     screen_tokens: int = field(default=0, metadata={"help": "multi-fidelity: breed --screen-factor times more offspring, score them on this many tokens, fully score only the best (0: off)"})
     screen_factor: int = field(default=2, metadata={"help": "offspring bred per place when screening"})

@@ -23,7 +23,7 @@ from ga.board import Board
 from ga.checkpoint import RunError, RunFolder, restore_rng, rng_state_to_json
 from ga.config import SearchConfig
 from ga.operators import crossover, gene_frequencies, mean_pairwise_hamming, mutate
-from ga.seeding import remove_least_harmful, single_skips
+from ga.seeding import single_skips, skip_lowest
 
 
 class PerplexityFitness(base.Fitness):
@@ -147,23 +147,37 @@ def score_chromosomes(keys: list[str], evaluator: Evaluator, state: SearchState)
     return len(new)
 
 
-def initial_population(toolbox: base.Toolbox, search: SearchConfig, evaluator: Evaluator,
-                       state: SearchState, removed: int) -> list[Individual]:
-    """Random feasible individuals; with init=importance, half of them around the one-shot heuristic."""
-    seeds: list[Individual] = []
+def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState, removed: int) -> list[int] | None:
+    """The chromosome a one-shot heuristic picks; what it costs counts against --max-evals."""
     if search.init == "importance":
         skips = [to_string(genes) for genes in single_skips(evaluator.num_layers)]
         score_chromosomes(skips, evaluator, state)
-        one_shot = Individual(remove_least_harmful([state.cache[k].perplexity for k in skips], removed))
-        seeds.append(one_shot)
-        with drawing_from(state.rng):
-            while len(seeds) < search.pop // 2:
-                variant = toolbox.clone(one_shot)
-                for _ in range(random.randint(1, 3)):
-                    toolbox.mutate(variant)
-                seeds.append(variant)
+        return skip_lowest([state.cache[k].perplexity for k in skips], removed)
+    if search.init == "influence":
+        state.evaluations += 1  # one dense forward over the scoring text
+        return skip_lowest(evaluator.block_influence(), removed)
+    return None
+
+
+def initial_population(toolbox: base.Toolbox, search: SearchConfig, evaluator: Evaluator,
+                       state: SearchState, removed: int) -> list[Individual]:
+    """Random feasible individuals, or the one-shot chromosome and variants of it 1 to 3 mutations away.
+
+    A seeded population has no random members: at a real budget (a quarter of the layers and
+    more) a random chromosome is orders of magnitude worse than the seed's neighbours, so it
+    would only spend evaluations.
+    """
+    seed = one_shot_seed(search, evaluator, state, removed)
     with drawing_from(state.rng):
-        return seeds + [toolbox.individual() for _ in range(search.pop - len(seeds))]
+        if seed is None:
+            return [toolbox.individual() for _ in range(search.pop)]
+        population = [Individual(seed)]
+        while len(population) < search.pop:
+            variant = toolbox.clone(population[0])
+            for _ in range(random.randint(1, 3)):
+                toolbox.mutate(variant)
+            population.append(variant)
+        return population
 
 
 def breed(population: list[Individual], toolbox: base.Toolbox, search: SearchConfig, count: int) -> list[Individual]:

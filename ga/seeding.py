@@ -1,4 +1,9 @@
-"""One-shot heuristic for a starting point: drop the layers whose single removal hurts least."""
+"""One-shot heuristics for a starting point: drop the layers that score lowest on some cheap measure.
+
+Two measures are used: the perplexity of removing each layer alone (removal importance: one
+evaluation per layer), and ShortGPT's Block Influence (how much a layer changes its input: one
+forward of the dense model). Both are also the one-shot baselines the search is compared with.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -11,12 +16,7 @@ def single_skips(num_layers: int) -> list[list[int]]:
     return [[Gene.SKIP if j == i else Gene.KEEP for j in range(num_layers)] for i in range(num_layers)]
 
 
-def least_harmful_first(perplexities: Sequence[float]) -> list[int]:
-    """Layer indices ordered by the perplexity of removing that layer alone, lowest first."""
-    return sorted(range(len(perplexities)), key=lambda i: (perplexities[i], i))
-
-
-def remove_least_harmful(perplexities: Sequence[float], removed: int) -> list[int]:
-    """The removal-importance baseline: skip the `removed` layers whose single removal hurts least."""
-    dropped = set(least_harmful_first(perplexities)[:removed])
-    return [Gene.SKIP if i in dropped else Gene.KEEP for i in range(len(perplexities))]
+def skip_lowest(scores: Sequence[float], removed: int) -> list[int]:
+    """Skip the `removed` layers of lowest score (ties: the earlier layer), keep the others."""
+    dropped = set(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:removed])
+    return [Gene.SKIP if i in dropped else Gene.KEEP for i in range(len(scores))]

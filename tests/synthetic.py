@@ -27,5 +27,12 @@ class PlantedEvaluator:
             results.append(Fitness(ppl, math.log(ppl), 100, 0.0, False))
         return results
 
+    def block_influence(self) -> list[float]:
+        """Low where the optimum removes a layer, with the last two layers swapped in rank (a
+        heuristic that is close but not exact)."""
+        influence = [0.0 if gene != 1 else 1.0 for gene in self.target]
+        influence[-1], influence[-2] = influence[-2], influence[-1]
+        return influence
+
     def describe(self) -> dict:
         return {"model": "planted", "num_layers": self.num_layers, "data": "synthetic", "seq_len": 1, "tokens": 100}

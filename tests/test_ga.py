@@ -4,18 +4,19 @@ import json
 
 import pytest
 
-from chromosomes import layers_removed, to_string, validate
+from chromosomes import from_string, layers_removed, to_string, validate
 from ga.baselines import random_search
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
 from ga.engine import evolve
+from ga.seeding import skip_lowest
 from tests.synthetic import PlantedEvaluator
 
 TARGET = [1, 1, 0, 1, 2, 1, 1, 1, 0, 2, 1, 1, 1, 1, 0, 1, 1, 2, 1, 1, 0, 1, 1, 0]  # 24 layers, 8 removed
 
 
 def run(tmp_path, name, evaluator, **settings):
-    search = SearchConfig(**{"pop": 20, "gens": 25, "remove": 8, "seed": 0, **settings})
+    search = SearchConfig(**{"pop": 20, "gens": 25, "remove": 8, "seed": 0, "init": "random", **settings})
     return evolve(evaluator, search, RunFolder(tmp_path / name), progress=False)
 
 
@@ -63,6 +64,18 @@ def test_importance_seeding_starts_from_the_one_shot_chromosome(tmp_path):
     assert len(singles) == 24  # every single-layer removal scored once
     first = json.loads((tmp_path / "seeded" / "checkpoint.json").read_text())["state"]["history"][0]
     assert first["best"] in state.cache
+
+
+def test_influence_seeding_costs_one_evaluation_and_surrounds_the_one_shot_chromosome(tmp_path):
+    evaluator = PlantedEvaluator(TARGET)
+    state = run(tmp_path, "influence", evaluator, gens=1, init="influence")
+    seed = skip_lowest(evaluator.block_influence(), 8)
+    first = json.loads((tmp_path / "influence" / "checkpoint.json").read_text())["state"]["history"][0]
+    assert first["population"][0] == to_string(seed)
+    distances = [sum(a != b for a, b in zip(from_string(key), seed)) for key in first["population"]]
+    assert max(distances) <= 6  # 1 to 3 mutations, each changing at most two genes
+    assert not any(key.count("0") == 1 and "2" not in key for key in evaluator.calls)  # no single-layer scans
+    assert state.evaluations == len(evaluator.calls) + 1  # the dense forward counts as one evaluation
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path):

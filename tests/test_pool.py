@@ -69,7 +69,7 @@ def slow_actors(ray_cluster, config):
 
 @pytest.fixture(scope="module")
 def slow_pool(slow_actors):
-    pool = RayEvaluatorPool(slow_actors, start_timeout=60)
+    pool = RayEvaluatorPool(slow_actors, start_timeout=180)  # model loading on a loaded 2-core machine
     yield pool
     pool.close()
 
@@ -86,6 +86,12 @@ def test_pool_scores_exactly_like_the_in_process_evaluator(gpu_pool, reference, 
     assert gpu_pool.last_generation.chunks == 4
     assert gpu_pool.num_layers == 6
     assert gpu_pool.describe() == ModelEvaluator(config).describe()
+
+
+def test_pool_block_influence_equals_the_in_process_one(gpu_pool, config):
+    influence = gpu_pool.block_influence()
+    assert influence == ModelEvaluator(config).block_influence()
+    assert len(influence) == 6 and all(value > 0 for value in influence)
 
 
 def test_each_actor_is_pinned_to_its_own_gpu(gpu_pool):
