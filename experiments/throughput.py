@@ -61,14 +61,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a GA run folder whose generations are replayed")
-    parser.add_argument("--generations", type=int, default=4, help="how many generations to replay (from the first)")
+    parser.add_argument("--generations", type=int, default=0, help="how many generations to replay, from the first (0: all)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--score-tokens", type=int, default=2048)
     args = parser.parse_args(argv)
     run = Path(args.run)
     saved = json.loads((run / "config.json").read_text())["evaluator"]
     history = json.loads((run / "checkpoint.json").read_text())["state"]["history"]
-    generations = [entry["population"] for entry in history[: args.generations]]
+    generations = [entry["population"] for entry in history[: args.generations or None]]
     config = EvaluatorConfig(**{**saved, "data_dir": args.data_dir or saved.get("data_dir"),
                                 "score_tokens": args.score_tokens, "calib_steps": 0})
     requests = sum(len(p) for p in generations)
