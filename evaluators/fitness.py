@@ -109,7 +109,6 @@ class EvaluatorConfig(Settings):
         return max(align, self.calib_steps * self.calib_batch)
 
 
-
 class ModelEvaluator:
     """Holds one model in memory and scores chromosomes on it by switching layers in place."""
 

@@ -33,4 +33,3 @@ def block_influence(model: PreTrainedModel, layers: Sequence[nn.Module], blocks:
         for handle in handles:
             handle.remove()
     return [total / count for total in totals]
-

@@ -4,7 +4,8 @@
   never travel through the object store) and wraps one `ModelEvaluator`.
 - `plan_workers` decides how many actors and what each asks of Ray (a GPU, or CPU threads).
 - `RayEvaluatorPool` implements `Evaluator` over actor handles. Like Ray's `util/actor_pool.py`
-  it never knows the actor's class: it only calls `ready()` and `evaluate(population, tokens)`.
+  it never knows the actor's class: it only calls `ready()`, `evaluate(population, tokens)` and
+  `block_influence()`.
 - `open_evaluator` is what the search uses: it picks in-process or Ray, starts what it needs and
   shuts down only what it started.
 
