@@ -1,0 +1,118 @@
+"""How many scoring tokens does fitness need to rank chromosomes the way held-out text does?
+
+A search picks the chromosome with the lowest fitness among thousands, so whatever noise the
+scoring text has is selected for: the winner on a few calibration tokens need not be the
+winner on held-out text. This takes the best chromosomes GA runs found, scores each on the
+first 1, 2, 4, ... windows of the calibration text, measures them on held-out WikiText-2 and
+PTB, and reports, per fidelity, the rank correlation with held-out perplexity and the held-out
+perplexity of the chromosome that fidelity would have picked.
+
+    python -m experiments.fidelity --runs runs/search_quality/ga-r8-skip-s0,runs/search_quality/ga-r8-merge-s0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from chromosomes import from_string
+from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.perplexity import nll_of_hidden, perplexity
+from evaluators.surgery import layer_view
+from evaluators.text import REPORT_TEXTS, text_blocks
+from experiments.report import save_results
+
+
+def candidates(runs: Sequence[Path], top: int, extra: Sequence[str]) -> list[str]:
+    """The `top` best chromosomes each run scored (from its fitness cache), then the extra ones."""
+    chosen: list[str] = []
+    for run in runs:
+        cache = json.loads((run / "checkpoint.json").read_text())["state"]["cache"]
+        chosen += sorted(cache, key=lambda key: cache[key]["nll"])[:top]
+    return list(dict.fromkeys(chosen + list(extra)))
+
+
+@torch.no_grad()
+def window_nlls(evaluator: ModelEvaluator, genes: Sequence[int], blocks: torch.Tensor) -> list[float]:
+    """Mean NLL per predicted token of each window, so that any prefix's fitness is a mean of these."""
+    stack = evaluator.stack(genes)
+    with layer_view(evaluator.model, stack.modules, stack.layer_types):
+        out = []
+        for window in blocks:
+            ids = window[None]
+            hidden = evaluator.model.model(input_ids=ids, use_cache=False).last_hidden_state
+            out.append(float(nll_of_hidden(evaluator.model, hidden, ids)) / (ids.shape[1] - 1))
+    return out
+
+
+def heldout(evaluator: ModelEvaluator, genes: Sequence[int], texts: dict[str, torch.Tensor]) -> dict[str, float]:
+    stack = evaluator.stack(genes)
+    with layer_view(evaluator.model, stack.modules, stack.layer_types):
+        return {name: perplexity(evaluator.model, blocks, evaluator.config.batch_size)[0] for name, blocks in texts.items()}
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    rank_a, rank_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(rank_a, rank_b)[0, 1])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.fidelity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", required=True, help="GA run folders, comma-separated, that scored with the same model")
+    parser.add_argument("--top", type=int, default=10, help="best chromosomes taken from each run")
+    parser.add_argument("--extra", default="", help="more chromosomes (gene strings), comma-separated")
+    parser.add_argument("--windows", type=int, default=16, help="calibration windows scored (fidelities 1, 2, 4, ... of them)")
+    parser.add_argument("--seq-len", type=int, default=0, help="calibration window length (0: the runs' own)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--eval-seq-len", type=int, default=1024)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--output", default="fidelity", help="stem of the files under experiments/results")
+    args = parser.parse_args(argv)
+
+    runs = [Path(p) for p in args.runs.split(",")]
+    definition = json.loads((runs[0] / "checkpoint.json").read_text())["definition"]
+    seq_len = args.seq_len or definition["seq_len"]
+    config = EvaluatorConfig(model=definition["model"], data=definition["data"], data_dir=args.data_dir,
+                             seq_len=seq_len, score_tokens=args.windows * seq_len,
+                             threads=args.threads)
+    evaluator = ModelEvaluator(config)
+    texts = {name: text_blocks(name, evaluator.tokenizer, args.eval_seq_len, args.eval_tokens, args.data_dir)
+             for name in REPORT_TEXTS}
+    keys = candidates(runs, args.top, [k for k in args.extra.split(",") if k])
+    measured = []
+    for key in tqdm(keys, desc="chromosomes", unit="chromosome"):
+        genes = from_string(key)
+        measured.append({"chromosome": key, "window_nll": window_nlls(evaluator, genes, evaluator.split.score),
+                         **heldout(evaluator, genes, texts)})
+
+    fidelities = [2 ** i for i in range(int(math.log2(args.windows)) + 1)]
+    rows = []
+    for windows in fidelities:
+        fitness = [float(np.mean(m["window_nll"][:windows])) for m in measured]
+        pick = measured[int(np.argmin(fitness))]
+        row = {"tokens": windows * (config.seq_len - 1), "windows": windows, "chromosomes": len(measured),
+               "picked": pick["chromosome"]}
+        for name in REPORT_TEXTS:
+            row[f"spearman {name}"] = spearman(fitness, [m[name] for m in measured])
+            row[f"picked {name}"] = pick[name]
+        rows.append(row)
+    best = {name: min(m[name] for m in measured) for name in REPORT_TEXTS}
+    columns = ["tokens", "chromosomes", *[f"spearman {n}" for n in REPORT_TEXTS], *[f"picked {n}" for n in REPORT_TEXTS], "picked"]
+    save_results(args.output, {"runs": [str(r) for r in runs], "evaluator": config.to_dict(), "rows": rows,
+                               "best_heldout_among_candidates": best, "measured": measured}, rows, columns)
+    for row in rows:
+        print(f"{row['tokens']:6d} tokens  " + "  ".join(f"rho {n} {row[f'spearman {n}']:.2f} picked {row[f'picked {n}']:.2f}"
+                                                      for n in REPORT_TEXTS))
+    print("best held-out among candidates: " + ", ".join(f"{n} {v:.2f}" for n, v in best.items()))
+
+
+if __name__ == "__main__":
+    main()
