@@ -69,7 +69,7 @@ class EvaluatorConfig(Settings):
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     data: str = field(default=CALIBRATION_TEXT, metadata={"help": "calibration text: a named set or a .txt file"})
     data_dir: str | None = field(default=None, metadata={"help": "local copy of the named sets (default $GAPRUNE_DATA_DIR)"})
-    seq_len: int = field(default=512, metadata={"help": "tokens per window"})
+    seq_len: int = field(default=1024, metadata={"help": "tokens per window (1,024 matches the held-out protocol; see experiments/results/fidelity*)"})
     score_tokens: int = field(default=4096, metadata={"help": "calibration tokens perplexity is measured on"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
     calib_steps: int = field(default=0, metadata={"help": "SGD steps on RMSNorm weights before scoring (0: off)"})
