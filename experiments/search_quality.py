@@ -28,7 +28,7 @@ from experiments.report import RESULTS, save_results
 from ga.baselines import evopress_search, random_search
 from ga.checkpoint import RunFolder
 from ga.config import SearchConfig
-from ga.engine import evolve
+from ga.engine import evaluations_spent, evolve
 from ga.seeding import single_skips, skip_lowest
 
 
@@ -45,15 +45,21 @@ class Bench:
         return self.calibrated if calibrate else self.plain
 
 
-def ga_method(merge: bool, calibrate: bool) -> Callable[[Bench], dict[str, Any]]:
+def ga_method(merge: bool, calibrate: bool, screened: bool = False) -> Callable[[Bench], dict[str, Any]]:
+    """A GA variant; `screened` runs a small population that screens --screen-factor offspring
+    per place on --screen-tokens and fully scores only the best (EvoPress's staged selection)."""
     def search(bench: Bench) -> dict[str, Any]:
         a = bench.args
-        config = SearchConfig(pop=a.pop, gens=10_000, remove=bench.removed, merge=merge, init=a.init,
-                              max_evals=a.evals, seed=a.seed, screen_tokens=a.screen_tokens)
-        name = f"ga-r{bench.removed}-{'merge' if merge else 'skip'}{'-calib' if calibrate else ''}-s{a.seed}"
+        staging = {"pop": a.screen_pop, "screen_tokens": a.screen_tokens or a.seq_len,
+                   "screen_factor": a.screen_factor} if screened else {"pop": a.pop}
+        config = SearchConfig(gens=10_000, remove=bench.removed, merge=merge, init=a.init, max_evals=a.evals,
+                              seed=a.seed, **staging)
+        variant = f"{'merge' if merge else 'skip'}{'-calib' if calibrate else ''}{'-screened' if screened else ''}"
+        name = f"ga-r{bench.removed}-{variant}-s{a.seed}"
         state = evolve(bench.evaluator(calibrate), config, RunFolder(Path(a.work) / name), progress=False)
         genes, fitness = state.best()
-        return {"genes": genes, "fitness": fitness.perplexity, "evaluations": state.evaluations,
+        spent = evaluations_spent(state, config, bench.evaluator(calibrate).describe())
+        return {"genes": genes, "fitness": fitness.perplexity, "evaluations": round(spent, 1),
                 "screenings": state.screenings, "generations": state.generation}
     return search
 
@@ -94,6 +100,7 @@ METHODS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "ga-merge": ga_method(merge=True, calibrate=False),
     "ga-skip-calib": ga_method(merge=False, calibrate=True),
     "ga-merge-calib": ga_method(merge=True, calibrate=True),
+    "ga-skip-screened": ga_method(merge=False, calibrate=False, screened=True),
 }
 
 
@@ -161,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--evals", type=int, default=80, help="fitness evaluations per search method")
     parser.add_argument("--pop", type=int, default=16)
     parser.add_argument("--init", default="influence", help="GA initial population: random, importance or influence")
-    parser.add_argument("--screen-tokens", type=int, default=0, help="GA multi-fidelity screening tokens (0: off)")
+    parser.add_argument("--screen-pop", type=int, default=6, help="population of the screened GA")
+    parser.add_argument("--screen-factor", type=int, default=4, help="offspring the screened GA screens per place")
+    parser.add_argument("--screen-tokens", type=int, default=0, help="screening tokens of the screened GA (0: one window)")
     parser.add_argument("--evopress-offspring", type=int, default=16)
     parser.add_argument("--evopress-survivors", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)

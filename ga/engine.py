@@ -248,8 +248,17 @@ def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], sear
         raise RunError(f"cannot resume: search settings differ from the run's ({', '.join(changed)})")
 
 
-def finished(state: SearchState, search: SearchConfig) -> bool:
-    return state.generation >= search.gens or 0 < search.max_evals <= state.evaluations
+def evaluations_spent(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> float:
+    """Full evaluations plus screenings, each screening counted as the share of the scoring
+    tokens it reads: the budget --max-evals caps, comparable with methods that never screen."""
+    seq_len = definition["seq_len"]
+    screen_share = (search.screen_tokens // seq_len) * (seq_len - 1) / definition["tokens"]
+    return state.evaluations + state.screenings * screen_share
+
+
+def finished(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> bool:
+    return (state.generation >= search.gens
+            or 0 < search.max_evals <= evaluations_spent(state, search, definition))
 
 
 def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
@@ -265,7 +274,7 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
         state = SearchState.from_json(checkpoint["state"], search.hof)
     else:
         state = SearchState(0, [], tools.HallOfFame(search.hof), tools.Logbook(), random.Random(search.seed))
-    if state.population and finished(state, search):
+    if state.population and finished(state, search, definition):
         raise RunError(f"run in {folder.path} already finished {state.generation} generations "
                        f"({state.evaluations} evaluations); pass a larger --gens or --max-evals to continue it")
 
@@ -288,7 +297,7 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
             state.population = initial_population(toolbox, search, evaluator, state, removed)
             evals, hits = score(state.population, evaluator, state)
             finish_generation(evals, hits, time.perf_counter() - started)
-        while not finished(state, search):
+        while not finished(state, search, definition):
             started, generation = time.perf_counter(), state.generation + 1
             offspring = next_generation(state, toolbox, search, evaluator)
             evals, hits = score(offspring, evaluator, state)

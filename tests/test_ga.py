@@ -169,3 +169,15 @@ def test_screening_fully_scores_only_the_best_screened_offspring(tmp_path):
     # every fully scored offspring was among the best third of its generation's screening
     assert all(g in screened for g in full)
     assert state.best()[1].perplexity <= state.logbook[0]["best"]
+
+
+def test_screenings_count_against_the_budget_by_the_share_of_tokens_they_read(tmp_path):
+    class Windows(PlantedEvaluator):
+        def describe(self):  # 10 scoring windows of 11 tokens: 100 predicted tokens
+            return {**super().describe(), "seq_len": 11, "tokens": 100}
+
+    state = run(tmp_path, "screen-budget", Windows(TARGET), gens=50, max_evals=60, screen_tokens=22, screen_factor=3)
+    spent = [r["total_evals"] + 0.2 * r["screenings"] for r in state.logbook]  # a screening reads 2 of 10 windows
+    assert state.screenings > 0
+    assert spent[-1] >= 60 > spent[-2]  # stopped after the generation that reached the budget
+    assert state.evaluations < 60  # so screenings were counted
