@@ -27,7 +27,7 @@ from evaluators.text import CALIBRATION_TEXT, REPORT_TEXTS, text_blocks
 from experiments.report import RESULTS, save_results
 from ga.baselines import evopress_search, random_search
 from ga.checkpoint import RunFolder
-from ga.config import SearchConfig
+from ga.config import INITS, SearchConfig
 from ga.engine import evaluations_spent, evolve
 from ga.seeding import single_skips, skip_lowest
 
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--evals", type=int, default=80, help="fitness evaluations per search method")
     parser.add_argument("--pop", type=int, default=16)
-    parser.add_argument("--init", default="influence", help="GA initial population: random, importance or influence")
+    parser.add_argument("--init", default=SearchConfig.init, choices=INITS, help="GA initial population")
     parser.add_argument("--screen-pop", type=int, default=6, help="population of the screened GA")
     parser.add_argument("--screen-factor", type=int, default=4, help="offspring the screened GA screens per place")
     parser.add_argument("--screen-tokens", type=int, default=0, help="screening tokens of the screened GA (0: one window)")
