@@ -187,15 +187,27 @@ def breed(population: list[Individual], toolbox: base.Toolbox, search: SearchCon
 
 def screen(candidates: list[Individual], keep: int, evaluator: Evaluator, state: SearchState,
            tokens: int) -> list[Individual]:
-    """Multi-fidelity: the `keep` candidates with the lowest perplexity on the first `tokens` tokens."""
+    """Multi-fidelity: the `keep` candidates that earn a full evaluation.
+
+    Screening decides where full evaluations go, so only chromosomes never fully scored compete,
+    ranked by perplexity on the first `tokens` tokens. Known ones (often unchanged copies of
+    parents) and repeats fill the places left: the cache answers them for free. Letting them
+    compete would let copies of good parents win every place, and nothing new would be scored.
+    """
     keys = [to_string(ind) for ind in candidates]
-    new = list(dict.fromkeys(key for key in keys if key not in state.screen_cache))
-    if new:
-        for key, fitness in zip(new, evaluator.evaluate([from_string(key) for key in new], tokens=tokens)):
+    fresh = list(dict.fromkeys(key for key in keys if key not in state.cache))
+    unscreened = [key for key in fresh if key not in state.screen_cache]
+    if unscreened:
+        for key, fitness in zip(unscreened, evaluator.evaluate([from_string(key) for key in unscreened], tokens=tokens)):
             state.screen_cache[key] = fitness
-        state.screenings += len(new)
-    order = sorted(range(len(candidates)), key=lambda i: (state.screen_cache[keys[i]].nll, i))
-    return [candidates[i] for i in order[:keep]]
+        state.screenings += len(unscreened)
+    first = {key: keys.index(key) for key in fresh}
+
+    def rank(i: int) -> tuple[bool, float, int]:
+        contender = first.get(keys[i]) == i
+        return (not contender, state.screen_cache[keys[i]].nll if contender else 0.0, i)
+
+    return [candidates[i] for i in sorted(range(len(candidates)), key=rank)[:keep]]
 
 
 def next_generation(state: SearchState, toolbox: base.Toolbox, search: SearchConfig,

@@ -181,3 +181,12 @@ def test_screenings_count_against_the_budget_by_the_share_of_tokens_they_read(tm
     assert state.screenings > 0
     assert spent[-1] >= 60 > spent[-2]  # stopped after the generation that reached the budget
     assert state.evaluations < 60  # so screenings were counted
+
+
+def test_screening_spends_full_evaluations_only_on_new_chromosomes(tmp_path):
+    # A small population soon breeds mostly copies of its parents; those must not take the
+    # places that screening hands out, or full evaluations stop.
+    state = run(tmp_path, "screen-new", PlantedEvaluator(TARGET), pop=6, gens=12, screen_tokens=10, screen_factor=4)
+    new_per_generation = [r["evals"] for r in state.logbook[1:]]
+    assert all(evals == 4 for evals in new_per_generation), new_per_generation  # pop 6 - 2 elites
+    assert set(state.cache) <= set(state.screen_cache) | set(state.history[0]["population"])
