@@ -137,14 +137,20 @@ def score(individuals: list[Individual], evaluator: Evaluator, state: SearchStat
     return fitnesses, len(invalid) - fitnesses
 
 
-def score_chromosomes(keys: list[str], evaluator: Evaluator, state: SearchState) -> int:
-    """Score the chromosomes (gene strings) not yet in the cache; return how many were new."""
-    new = list(dict.fromkeys(key for key in keys if key not in state.cache))
+def fill_cache(keys: list[str], evaluator: Evaluator, cache: dict[str, Fitness], tokens: int | None = None) -> int:
+    """Score the chromosomes (gene strings) not yet in `cache`, in one batch; return how many were new."""
+    new = list(dict.fromkeys(key for key in keys if key not in cache))
     if new:
-        for key, fitness in zip(new, evaluator.evaluate([from_string(key) for key in new])):
-            state.cache[key] = fitness
-        state.evaluations += len(new)
+        for key, fitness in zip(new, evaluator.evaluate([from_string(key) for key in new], tokens=tokens)):
+            cache[key] = fitness
     return len(new)
+
+
+def score_chromosomes(keys: list[str], evaluator: Evaluator, state: SearchState) -> int:
+    """Score the chromosomes not yet in the fitness cache; return how many were new."""
+    new = fill_cache(keys, evaluator, state.cache)
+    state.evaluations += new
+    return new
 
 
 def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState, removed: int) -> list[int] | None:
@@ -196,18 +202,10 @@ def screen(candidates: list[Individual], keep: int, evaluator: Evaluator, state:
     """
     keys = [to_string(ind) for ind in candidates]
     fresh = list(dict.fromkeys(key for key in keys if key not in state.cache))
-    unscreened = [key for key in fresh if key not in state.screen_cache]
-    if unscreened:
-        for key, fitness in zip(unscreened, evaluator.evaluate([from_string(key) for key in unscreened], tokens=tokens)):
-            state.screen_cache[key] = fitness
-        state.screenings += len(unscreened)
-    first = {key: keys.index(key) for key in fresh}
-
-    def rank(i: int) -> tuple[bool, float, int]:
-        contender = first.get(keys[i]) == i
-        return (not contender, state.screen_cache[keys[i]].nll if contender else 0.0, i)
-
-    return [candidates[i] for i in sorted(range(len(candidates)), key=rank)[:keep]]
+    state.screenings += fill_cache(fresh, evaluator, state.screen_cache, tokens)
+    contenders = sorted((keys.index(key) for key in fresh), key=lambda i: state.screen_cache[keys[i]].nll)
+    others = [i for i in range(len(candidates)) if i not in contenders]
+    return [candidates[i] for i in (contenders + others)[:keep]]
 
 
 def next_generation(state: SearchState, toolbox: base.Toolbox, search: SearchConfig,
