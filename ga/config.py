@@ -26,7 +26,7 @@ class SearchConfig(Settings):
     tournament: int = field(default=3, metadata={"help": "tournament size for parent selection"})
     elite: int = field(default=2, metadata={"help": "best individuals copied unchanged into the next generation"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
-    init: str = field(default="importance", metadata={"help": "initial population: importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer); influence (around ShortGPT's lowest Block Influence layers: one dense forward); random"})
+    init: str = field(default="importance", metadata={"help": "initial population: importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); random"})
     max_evals: int = field(default=0, metadata={"help": "stop after the generation in which this many chromosomes have been scored, a screening counting as its share of the scoring tokens (0: no limit)"})
     screen_tokens: int = field(default=0, metadata={"help": "multi-fidelity: breed --screen-factor times more offspring, score them on this many tokens, fully score only the best (0: off)"})
     screen_factor: int = field(default=2, metadata={"help": "offspring bred per place when screening"})

@@ -23,7 +23,7 @@ from ga.board import Board
 from ga.checkpoint import RunError, RunFolder, restore_rng, rng_state_to_json
 from ga.config import SearchConfig
 from ga.operators import crossover, gene_frequencies, mean_pairwise_hamming, mutate
-from ga.seeding import single_skips, skip_lowest
+from ga.seeding import drop_weights, single_skips, skip_lowest
 
 
 class PerplexityFitness(base.Fitness):
@@ -50,13 +50,15 @@ def drawing_from(rng: random.Random) -> Iterator[None]:
         random.setstate(outside)
 
 
-def build_toolbox(search: SearchConfig, num_layers: int, removed: int) -> base.Toolbox:
+def build_toolbox(search: SearchConfig, num_layers: int, removed: int,
+                  weights: list[float] | None = None) -> base.Toolbox:
     toolbox = base.Toolbox()
     # Operators get the global `random` module as their generator: inside drawing_from it is
     # the run's generator, shared with DEAP's own operators in one reproducible stream.
     toolbox.register("individual", lambda: Individual(random_chromosome(num_layers, removed, random, search.merge)))
     toolbox.register("mate", crossover, removed=removed, merge=search.merge, rng=random)
-    toolbox.register("mutate", mutate, removed=removed, merge=search.merge, flip_prob=search.flip_prob, rng=random)
+    toolbox.register("mutate", mutate, removed=removed, merge=search.merge, flip_prob=search.flip_prob, rng=random,
+                     drop_weights=weights)
     toolbox.register("select", tools.selTournament, tournsize=search.tournament)
     return toolbox
 
@@ -165,15 +167,23 @@ def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState
     return None
 
 
-def initial_population(toolbox: base.Toolbox, search: SearchConfig, evaluator: Evaluator,
-                       state: SearchState, removed: int) -> list[Individual]:
+def mutation_weights(state: SearchState, num_layers: int, removed: int) -> list[float] | None:
+    """Guide mutation by what each layer's single removal cost, once those are in the fitness
+    cache (importance seeding puts them there); None leaves mutation uniform."""
+    keys = [to_string(genes) for genes in single_skips(num_layers)]
+    if not all(key in state.cache for key in keys):
+        return None
+    return drop_weights([state.cache[key].nll for key in keys], removed)
+
+
+def initial_population(toolbox: base.Toolbox, search: SearchConfig, state: SearchState,
+                       seed: list[int] | None) -> list[Individual]:
     """Random feasible individuals, or the one-shot chromosome and variants of it 1 to 3 mutations away.
 
     A seeded population has no random members: at a real budget (a quarter of the layers and
     more) a random chromosome is orders of magnitude worse than the seed's neighbours, so it
     would only spend evaluations.
     """
-    seed = one_shot_seed(search, evaluator, state, removed)
     with drawing_from(state.rng):
         if seed is None:
             return [toolbox.individual() for _ in range(search.pop)]
@@ -277,7 +287,6 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
     provenance = provenance or {}
     removed = search.removed(evaluator.num_layers)
     definition = evaluator.describe()
-    toolbox, stats = build_toolbox(search, evaluator.num_layers, removed), build_statistics()
     checkpoint = folder.load_checkpoint()
     if checkpoint is not None:
         check_resumable(checkpoint, definition, search, removed)
@@ -298,13 +307,16 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
         bar.update(1)
 
     from tqdm.auto import tqdm
+    started = time.perf_counter()
+    seed = None if state.population else one_shot_seed(search, evaluator, state, removed)
+    weights = mutation_weights(state, evaluator.num_layers, removed)  # after seeding: it may fill the cache
+    toolbox, stats = build_toolbox(search, evaluator.num_layers, removed, weights), build_statistics()
     board = Board(folder.board_path, first_step=state.generation + 1 if state.population else 0)
     bar = tqdm(total=search.gens + 1, initial=state.generation + 1 if state.population else 0,
                desc="generations", unit="gen", disable=not progress)
     try:
         if not state.population:
-            started = time.perf_counter()
-            state.population = initial_population(toolbox, search, evaluator, state, removed)
+            state.population = initial_population(toolbox, search, state, seed)
             evals, hits = score(state.population, evaluator, state)
             finish_generation(evals, hits, time.perf_counter() - started)
         while not finished(state, search, definition):

@@ -7,7 +7,7 @@ exactly `removed` layers and is valid.
 from __future__ import annotations
 
 import random
-from typing import MutableSequence
+from typing import MutableSequence, Sequence
 
 from deap import tools
 
@@ -19,8 +19,12 @@ def _write(individual: MutableSequence[int], genes: list[int]) -> None:
 
 
 def mutate(individual: MutableSequence[int], removed: int, merge: bool, flip_prob: float,
-           rng: random.Random) -> tuple[MutableSequence[int]]:
-    """Move one removed position to a kept one (swap), or flip a removed layer SKIP<->MERGE."""
+           rng: random.Random, drop_weights: Sequence[float] | None = None) -> tuple[MutableSequence[int]]:
+    """Move one removed position to a kept one (swap), or flip a removed layer SKIP<->MERGE.
+
+    With `drop_weights` (one per layer) the kept layer to remove is drawn in proportion to its
+    weight, so that moves the one-shot evidence calls hopeless are rarely proposed.
+    """
     genes = list(individual)
     dropped = [i for i, g in enumerate(genes) if g != Gene.KEEP]
     kept = [i for i, g in enumerate(genes) if g == Gene.KEEP]
@@ -28,7 +32,9 @@ def mutate(individual: MutableSequence[int], removed: int, merge: bool, flip_pro
         i = rng.choice(dropped)
         genes[i] = Gene.MERGE if genes[i] == Gene.SKIP else Gene.SKIP
     else:
-        i, j = rng.choice(dropped), rng.choice(kept)
+        i = rng.choice(dropped)
+        weights = [drop_weights[k] for k in kept] if drop_weights else []
+        j = rng.choices(kept, weights)[0] if sum(weights) > 0 else rng.choice(kept)  # none left to prefer: uniform
         genes[i], genes[j] = Gene.KEEP, genes[i]
     _write(individual, repair(genes, removed, rng, merge))
     return (individual,)

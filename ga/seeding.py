@@ -6,6 +6,7 @@ forward of the dense model). Both are also the one-shot baselines the search is 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from chromosomes import Gene
@@ -20,3 +21,20 @@ def skip_lowest(scores: Sequence[float], removed: int) -> list[int]:
     """Skip the `removed` layers of lowest score (ties: the earlier layer), keep the others."""
     dropped = set(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:removed])
     return [Gene.SKIP if i in dropped else Gene.KEEP for i in range(len(scores))]
+
+
+def drop_weights(single_skip_nll: Sequence[float], removed: int) -> list[float]:
+    """How readily mutation should propose removing each layer, from what removing it alone cost.
+
+    Removing one of a few layers (the first, the last) raises perplexity a thousandfold, and any
+    chromosome without it is hopeless; proposing such moves uniformly wasted a third of a real
+    search's evaluations. The weight falls as exp(-excess / scale), where excess is how much more
+    the layer's single removal costs (in nll) than the cheapest, and scale is that excess for the
+    layer ranked 2 x `removed`: the layers the budget could plausibly take stay likely, the
+    catastrophic ones vanish, and no constant depends on the model or its perplexity.
+    """
+    ranked = sorted(single_skip_nll)
+    scale = ranked[min(2 * removed, len(ranked) - 1)] - ranked[0]
+    if scale <= 0:
+        return [1.0] * len(ranked)
+    return [math.exp(-(nll - ranked[0]) / scale) for nll in single_skip_nll]

@@ -1,6 +1,9 @@
 """The search engine on a synthetic fitness: it optimizes, keeps the budget, never re-scores,
 and its checkpoint holds everything."""
 import json
+import math
+import random
+from collections import Counter
 
 import pytest
 
@@ -8,8 +11,10 @@ from chromosomes import from_string, layers_removed, to_string, validate
 from ga.baselines import random_search
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
+from ga import engine
 from ga.engine import evolve
-from ga.seeding import skip_lowest
+from ga.operators import mutate
+from ga.seeding import drop_weights, skip_lowest
 from tests.synthetic import PlantedEvaluator
 
 TARGET = [1, 1, 0, 1, 2, 1, 1, 1, 0, 2, 1, 1, 1, 1, 0, 1, 1, 2, 1, 1, 0, 1, 1, 0]  # 24 layers, 8 removed
@@ -190,3 +195,48 @@ def test_screening_spends_full_evaluations_only_on_new_chromosomes(tmp_path):
     new_per_generation = [r["evals"] for r in state.logbook[1:]]
     assert all(evals == 4 for evals in new_per_generation), new_per_generation  # pop 6 - 2 elites
     assert set(state.cache) <= set(state.screen_cache) | set(state.history[0]["population"])
+
+
+def test_drop_weights_fade_layers_whose_single_removal_is_catastrophic():
+    nll = [2.0 + 0.01 * i for i in range(22)] + [9.0, 12.0]  # the last two are vital
+    weights = drop_weights(nll, removed=4)
+    assert weights[0] == 1.0
+    assert weights[8] == pytest.approx(math.exp(-1))  # the layer ranked 2 x removed
+    assert weights[1] > weights[5] > weights[8] > weights[21] > 0.05
+    assert max(weights[22:]) < 1e-30
+    assert drop_weights([3.0] * 6, removed=2) == [1.0] * 6  # nothing learned: uniform
+
+
+def test_guided_mutation_removes_layers_in_proportion_to_their_weights():
+    parent = [0, 0, 1, 1, 1, 1]
+    weights = [1.0, 1.0, 0.0, 1.0, 3.0, 0.0]
+    rng = random.Random(0)
+    removed = Counter()
+    for _ in range(4000):
+        child = list(parent)
+        mutate(child, removed=2, merge=False, flip_prob=0.0, rng=rng, drop_weights=weights)
+        removed.update(i for i in (2, 3, 4, 5) if child[i] == 0)
+    assert removed[2] == removed[5] == 0
+    assert removed[4] / removed[3] == pytest.approx(3.0, rel=0.15)
+    child = list(parent)  # every kept layer vital (weights underflowed to 0): still a valid move
+    mutate(child, removed=2, merge=False, flip_prob=0.0, rng=rng, drop_weights=[1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    assert layers_removed(child) == 2 and child != parent
+
+
+def test_importance_seeding_steers_mutation_away_from_vital_layers(tmp_path, monkeypatch):
+    class VitalLayers(PlantedEvaluator):
+        """The planted fitness, except that removing layer 0 or 1 is a catastrophe."""
+
+        def evaluate(self, population, tokens=None):
+            return [fitness if genes[0] and genes[1] else type(fitness)(fitness.perplexity * 1e4,
+                    fitness.nll + math.log(1e4), fitness.tokens, 0.0, False)
+                    for genes, fitness in zip(population, super().evaluate(population, tokens))]
+
+    def hopeless_share(state):
+        searched = [key for key in state.cache if key.count("0") + key.count("2") > 1]  # not a single skip
+        return sum(key[0] != "1" or key[1] != "1" for key in searched) / len(searched)
+
+    guided = run(tmp_path, "guided", VitalLayers(TARGET), gens=10, init="importance")
+    monkeypatch.setattr(engine, "mutation_weights", lambda *args: None)
+    uniform = run(tmp_path, "uniform", VitalLayers(TARGET), gens=10, init="importance")
+    assert hopeless_share(guided) < 0.05 < 0.1 < hopeless_share(uniform)  # measured: 0.017 and 0.19
