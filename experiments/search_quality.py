@@ -4,9 +4,10 @@ Same model, same number of removed layers, same calibration text and the same nu
 fitness evaluations for every search method. Each method's chromosome is then measured on
 held-out text (WikiText-2 and PTB test), as it is and after the same RMSNorm calibration.
 
-    python -m experiments.search_quality --data-dir ../shared/data
+    python -m experiments.search_quality --data-dir ../shared/data --threads 1
 
-Results: experiments/results/search_quality.{json,csv,md,png}. Each finished (budget, method)
+Fitness is measured as ga.run measures it by default (4,096 tokens in 1,024-token windows).
+Results: experiments/results/search_quality-4k.{json,csv,md,png}. Each finished (budget, method)
 is kept under --work, so an interrupted benchmark continues where it stopped.
 """
 from __future__ import annotations
@@ -173,15 +174,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--screen-tokens", type=int, default=0, help="screening tokens of the screened GA (0: one window)")
     parser.add_argument("--evopress-offspring", type=int, default=16)
     parser.add_argument("--evopress-survivors", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--score-tokens", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=EvaluatorConfig.seq_len, help="fitness window (ga.run's default)")
+    parser.add_argument("--score-tokens", type=int, default=EvaluatorConfig.score_tokens, help="fitness tokens (ga.run's default)")
     parser.add_argument("--calib-steps", type=int, default=2)
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", default="runs/search_quality", help="per-method results and GA run folders")
-    parser.add_argument("--output", default="search_quality", help="stem of the files under experiments/results")
+    parser.add_argument("--work", default="runs/search_quality-4k", help="per-method results and GA run folders")
+    parser.add_argument("--output", default="search_quality-4k", help="stem of the files under experiments/results")
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
