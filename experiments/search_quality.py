@@ -146,12 +146,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
     for axis, removed in zip(axes[0], budgets):
         subset = {r["method"]: r for r in rows if r["removed"] == removed}
-        xs = range(len(methods))
+        shown = [m for m in methods if m in subset]  # a method not run at this budget is left out
+        xs = range(len(shown))
         width = 0.38
-        axis.bar([x - width / 2 for x in xs], [subset[m]["wikitext2:test"] for m in methods], width, label="WikiText-2")
-        axis.bar([x + width / 2 for x in xs], [subset[m]["ptb:test"] for m in methods], width, label="PTB")
+        axis.bar([x - width / 2 for x in xs], [subset[m]["wikitext2:test"] for m in shown], width, label="WikiText-2")
+        axis.bar([x + width / 2 for x in xs], [subset[m]["ptb:test"] for m in shown], width, label="PTB")
         axis.set_yscale("log")
-        axis.set_xticks(list(xs), methods, rotation=40, ha="right", fontsize=8)
+        axis.set_xticks(list(xs), shown, rotation=40, ha="right", fontsize=8)
         axis.set_title(f"{removed} layers removed")
         axis.set_ylabel("held-out perplexity (no healing)")
         axis.legend(fontsize=8)
