@@ -155,10 +155,14 @@ def score_chromosomes(keys: list[str], evaluator: Evaluator, state: SearchState)
     return new
 
 
+def single_skip_keys(num_layers: int) -> list[str]:
+    return [to_string(genes) for genes in single_skips(num_layers)]
+
+
 def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState, removed: int) -> list[int] | None:
     """The chromosome a one-shot heuristic picks; what it costs counts against --max-evals."""
     if search.init == "importance":
-        skips = [to_string(genes) for genes in single_skips(evaluator.num_layers)]
+        skips = single_skip_keys(evaluator.num_layers)
         score_chromosomes(skips, evaluator, state)
         return skip_lowest([state.cache[k].perplexity for k in skips], removed)
     if search.init == "influence":
@@ -170,7 +174,7 @@ def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState
 def mutation_weights(state: SearchState, num_layers: int, removed: int) -> list[float] | None:
     """Guide mutation by what each layer's single removal cost, once those are in the fitness
     cache (importance seeding puts them there); None leaves mutation uniform."""
-    keys = [to_string(genes) for genes in single_skips(num_layers)]
+    keys = single_skip_keys(num_layers)
     if not all(key in state.cache for key in keys):
         return None
     return drop_weights([state.cache[key].nll for key in keys], removed)
