@@ -57,9 +57,10 @@ def ga_method(merge: bool, calibrate: bool, screened: bool = False) -> Callable[
                               seed=a.seed, **staging)
         variant = f"{'merge' if merge else 'skip'}{'-calib' if calibrate else ''}{'-screened' if screened else ''}"
         name = f"ga-r{bench.removed}-{variant}-s{a.seed}"
-        state = evolve(bench.evaluator(calibrate), config, RunFolder(Path(a.work) / name), progress=False)
+        evaluator = bench.evaluator(calibrate)
+        state = evolve(evaluator, config, RunFolder(Path(a.work) / name), progress=False)
         genes, fitness = state.best()
-        spent = evaluations_spent(state, config, bench.evaluator(calibrate).describe())
+        spent = evaluations_spent(state, config, evaluator.describe())
         return {"genes": genes, "fitness": fitness.perplexity, "evaluations": round(spent, 1),
                 "screenings": state.screenings, "generations": state.generation}
     return search
