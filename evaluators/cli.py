@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import types
 import typing
-from typing import Any, TypeVar
+from contextlib import contextmanager
+from typing import Any, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -67,3 +69,27 @@ def fail(message: str, code: int = 2) -> typing.NoReturn:
     """Exit with a one-line error that names the problem (no traceback for user mistakes)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send before killing a job), raised where Ctrl-C would be."""
+
+    exit_code = 143  # 128 + SIGTERM, the status a shell reports for a terminated job
+
+
+@contextmanager
+def terminate_like_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM stops the program the way Ctrl-C does, so that the same
+    handlers save the checkpoint and print the resume hint."""
+    def raise_terminated(_signum: int, _frame: Any) -> None:
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_status(error: KeyboardInterrupt) -> int:
+    """Exit status for an interrupted command: 143 after SIGTERM, 130 after Ctrl-C."""
+    return error.exit_code if isinstance(error, Terminated) else 130

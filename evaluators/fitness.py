@@ -18,9 +18,22 @@ from evaluators.cli import Settings
 from evaluators.importance import block_influence
 from evaluators.merge import MERGE_RULES, Geometry, LayerMerger, collect_activations
 from evaluators.models import DEFAULT_MODEL, decoder_layers, load_model
-from evaluators.perplexity import PrefixScorer
-from evaluators.surgery import dense_layer_types, layer_stack, layer_view
+from evaluators.perplexity import PrefixScorer, perplexity
+from evaluators.repair import REPAIR_INPUTS, REPAIRS, SeamRepairer
+from evaluators.surgery import LayerStack, dense_layer_types, install_stack, layer_stack, layer_view
 from evaluators.text import CALIBRATION_TEXT, CalibrationSplit, text_blocks
+
+
+FITNESS_KINDS = ("ppl", "kl")
+# A loss that is not a finite number (a broken forward pass, an overflow) is recorded as this
+# mean per-token value: finite, so that it can be checkpointed, and worse than any real model
+# (exp(700) ~ 1e304 is still a float).
+WORST_LOSS = 700.0
+
+
+def finite_loss(value: float) -> float:
+    """The loss as recorded: NaN and anything above WORST_LOSS become WORST_LOSS."""
+    return WORST_LOSS if not math.isfinite(value) or value > WORST_LOSS else value
 
 
 @dataclass(frozen=True)
@@ -30,13 +43,20 @@ class Fitness:
     tokens: int  # predicted tokens it was measured on
     seconds: float
     calibrated: bool
+    kl: float | None = None  # mean KL(dense || pruned) per predicted token, when measured
+    objective: str = "ppl"  # what the search minimises: perplexity, or kl
+
+    @property
+    def value(self) -> float:
+        """The number the search minimises."""
+        return self.kl if self.objective == "kl" else self.perplexity
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Fitness":
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class Evaluator(Protocol):
@@ -78,11 +98,16 @@ class EvaluatorConfig(Settings):
     merge_rule: str = field(default="mean", metadata={"help": "how aligned layers combine: mean or sum"})
     align: bool = field(default=True, metadata={"help": "align layers (permutations, rotations) before merging"})
     align_tokens: int = field(default=2048, metadata={"help": "calibration tokens for the alignment statistics"})
+    repair: str = field(default="lsq", metadata={"help": "seam repair before scoring: lsq (least-squares map on the MLP output before each cut, folded into down_proj) or none"})
+    repair_tokens: int = field(default=4096, metadata={"help": "calibration tokens (disjoint from the scoring ones) for the seam repair statistics"})
+    repair_inputs: str = field(default="pruned", metadata={"help": "what each seam's map is fitted on: pruned (the cut model's own activations, earlier seams repaired) or dense (the dense model's, so fits are shared across chromosomes: cheaper)"})
+    repair_ridge: float = field(default=1e-3, metadata={"help": "seam repair ridge, relative to the mean diagonal of X^T X (shrinks the map towards the identity)"})
+    fitness: str = field(default="ppl", metadata={"help": "what the search minimises: ppl (perplexity) or kl (KL divergence from the dense model's next-token distribution)"})
     share_prefix: bool = field(default=True, metadata={"help": "reuse hidden states of shared leading layers"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: leave torch's default)"})
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "align_tokens")
+        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "align_tokens", "repair_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -95,6 +120,14 @@ class EvaluatorConfig(Settings):
             raise ValueError("calib_steps and threads must not be negative")
         if not (self.calib_lr > 0 and math.isfinite(self.calib_lr)):
             raise ValueError(f"calib_lr must be a positive number, got {self.calib_lr!r}")
+        if self.repair not in REPAIRS:
+            raise ValueError(f"repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
+        if self.repair_inputs not in REPAIR_INPUTS:
+            raise ValueError(f"repair_inputs must be one of {', '.join(REPAIR_INPUTS)}, got {self.repair_inputs!r}")
+        if not (self.repair_ridge >= 0 and math.isfinite(self.repair_ridge)):
+            raise ValueError(f"repair_ridge must be a non-negative number, got {self.repair_ridge!r}")
+        if self.fitness not in FITNESS_KINDS:
+            raise ValueError(f"fitness must be one of {', '.join(FITNESS_KINDS)}, got {self.fitness!r}")
         if self.merge_rule not in MERGE_RULES:
             raise ValueError(f"merge_rule must be one of {', '.join(MERGE_RULES)}, got {self.merge_rule!r}")
 
@@ -103,10 +136,17 @@ class EvaluatorConfig(Settings):
         return self.score_tokens // self.seq_len
 
     @property
+    def align_blocks(self) -> int:
+        return -(-self.align_tokens // self.seq_len)
+
+    @property
+    def repair_blocks(self) -> int:
+        return -(-self.repair_tokens // self.seq_len) if self.repair != "none" else 0
+
+    @property
     def tune_blocks(self) -> int:
-        """Blocks after the scoring ones, for norm calibration and alignment statistics."""
-        align = -(-self.align_tokens // self.seq_len)
-        return max(align, self.calib_steps * self.calib_batch)
+        """Blocks after the scoring ones, for norm calibration, alignment and repair statistics."""
+        return max(self.align_blocks, self.calib_steps * self.calib_batch, self.repair_blocks)
 
 
 class ModelEvaluator:
@@ -123,6 +163,8 @@ class ModelEvaluator:
         text = text_blocks(config.data, self.tokenizer, config.seq_len, data_dir=config.data_dir)
         self.split = CalibrationSplit.cut(text, config.score_blocks, config.tune_blocks, name=config.data)
         self._merger: LayerMerger | None = None
+        self._repairer: SeamRepairer | None = None
+        self._reference: torch.Tensor | None = None
         self._scorers: dict[int, PrefixScorer] = {}
 
     def describe(self) -> dict[str, Any]:
@@ -132,7 +174,18 @@ class ModelEvaluator:
             "tokens": c.score_blocks * (c.seq_len - 1), "dtype": str(self.model.dtype).removeprefix("torch."),
             "calibration": {"steps": c.calib_steps, "batch": c.calib_batch, "lr": c.calib_lr},
             "merge": {"rule": c.merge_rule, "align": c.align, "align_tokens": c.align_tokens},
+            "repair": self.repair_settings(),
+            "fitness": c.fitness,
+            "layer_parameters": [sum(p.numel() for p in layer.parameters()) for layer in self.dense_layers],
+            "total_parameters": sum(p.numel() for p in self.model.parameters()),
         }
+
+    def repair_settings(self) -> dict[str, Any]:
+        c = self.config
+        if c.repair == "none":
+            return {"method": "none"}
+        return {"method": c.repair, "tokens": c.repair_blocks * c.seq_len, "ridge": c.repair_ridge,
+                "inputs": c.repair_inputs}
 
     def block_influence(self) -> list[float]:
         return block_influence(self.model, self.dense_layers, self.split.score, self.config.batch_size)
@@ -143,23 +196,52 @@ class ModelEvaluator:
         if self._merger is None:
             activations = None
             if self.config.align:
-                align_blocks = self.split.tune[: -(-self.config.align_tokens // self.config.seq_len)]
+                align_blocks = self.split.tune[: self.config.align_blocks]
                 activations = collect_activations(self.model, self.dense_layers, align_blocks, self.config.batch_size)
             self._merger = LayerMerger(self.dense_layers, activations, Geometry.of(self.model.config), self.config.merge_rule)
         return self._merger
 
-    def stack(self, genes: Sequence[int]):
+    @property
+    def repairer(self) -> SeamRepairer | None:
+        """Built on first use: the dense states it fits to cost one forward over the repair tokens."""
+        if self.config.repair == "none":
+            return None
+        if self._repairer is None:
+            self._repairer = SeamRepairer(self.model, self.dense_layers, self.split.tune[: self.config.repair_blocks],
+                                          self.config.batch_size, self.config.repair_ridge, self.config.repair_inputs)
+        return self._repairer
+
+    def raw_stack(self, genes: Sequence[int]) -> LayerStack:
+        """The chromosome's layers as cut (merge blocks fused), before any repair."""
         genes = validate(genes, self.num_layers)
         has_merge = any(block.merged for block in blocks(genes))
         return layer_stack(self.dense_layers, self.dense_types, genes, self.merger if has_merge else None)
 
+    def stack(self, genes: Sequence[int]) -> LayerStack:
+        """The layers the chromosome is scored with: cut, then repaired as configured."""
+        raw = self.raw_stack(genes)
+        return raw if self.repairer is None else self.repairer.repaired(raw)
+
+    def compact(self, genes: Sequence[int]):
+        """Cut the resident model to the chromosome for good, repaired as it was scored; the
+        evaluator cannot score anything afterwards."""
+        return install_stack(self.model, self.stack(genes))
+
+    def heldout(self, genes: Sequence[int], texts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Perplexity of the (repaired) chromosome on each named set of blocks: dev or test text."""
+        stack = self.stack(genes)
+        with layer_view(self.model, stack.modules, stack.layer_types):
+            return {name: perplexity(self.model, blocks, self.config.batch_size)[0] for name, blocks in texts.items()}
+
     def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
         scorer = self._scorer(tokens)
-        stacks = [self.stack(genes) for genes in population]  # validates all before any work
-        order = sorted(range(len(stacks)), key=lambda i: [(b.anchor, b.merged) for b in stacks[i].keys])
-        results: list[Fitness | None] = [None] * len(stacks)
+        for genes in population:  # validate all before any work
+            validate(genes, self.num_layers)
+        # Neighbours in this order share leading layers, so prefix states and repairs are reused.
+        order = sorted(range(len(population)), key=lambda i: [(b.anchor, b.merged) for b in blocks(population[i])])
+        results: list[Fitness | None] = [None] * len(population)
         for i in order:
-            results[i] = self._score(scorer, stacks[i])
+            results[i] = self._score(scorer, self.stack(population[i]))
         return results  # type: ignore[return-value]
 
     def _scorer(self, tokens: int | None) -> PrefixScorer:
@@ -170,17 +252,31 @@ class ModelEvaluator:
                 f"{self.config.score_tokens} (score_tokens) are available"
             )
         if count not in self._scorers:
-            self._scorers[count] = PrefixScorer(self.model, self.split.score[:count], self.config.batch_size)
+            reference = None if self.config.fitness != "kl" else self.reference()[:count]
+            self._scorers[count] = PrefixScorer(self.model, self.split.score[:count], self.config.batch_size, reference)
         return self._scorers[count]
 
-    def _score(self, scorer: PrefixScorer, stack) -> Fitness:
+    @torch.no_grad()
+    def reference(self) -> torch.Tensor:
+        """The dense model's final hidden states on the scoring blocks, for KL fitness
+        (scoring tokens x hidden values: far smaller than the logits over a large vocabulary)."""
+        if self._reference is None:
+            device = next(self.model.parameters()).device
+            score = self.split.score
+            self._reference = torch.cat([
+                self.model.model(input_ids=score[s:s + self.config.batch_size].to(device), use_cache=False).last_hidden_state
+                for s in range(0, score.shape[0], self.config.batch_size)])
+        return self._reference
+
+    def _score(self, scorer: PrefixScorer, stack: LayerStack) -> Fitness:
         start = time.perf_counter()
         c = self.config
         if c.calib_steps:
             with layer_view(self.model, stack.modules, stack.layer_types), \
                     calibrated_norms(self.model, stack.modules, self.split.tune, c.calib_steps, c.calib_batch, c.calib_lr):
-                total, count = scorer.nll(stack, share=False)
+                total, divergence, count = scorer.losses(stack, share=False)
         else:
-            total, count = scorer.nll(stack, share=c.share_prefix)
-        mean = total / count
-        return Fitness(math.exp(mean), mean, count, time.perf_counter() - start, bool(c.calib_steps))
+            total, divergence, count = scorer.losses(stack, share=c.share_prefix)
+        mean = finite_loss(total / count)
+        kl = None if divergence is None else finite_loss(divergence / count)
+        return Fitness(math.exp(mean), mean, count, time.perf_counter() - start, bool(c.calib_steps), kl, c.fitness)

@@ -21,14 +21,32 @@ LOGIT_CHUNK = 4096  # tokens per lm_head chunk: bounds the [tokens, vocab] logit
 
 def nll_of_hidden(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL (fp32) of final hidden states [B, L, H] against ids [B, L]."""
+    return token_losses(model, hidden, ids)[0]
+
+
+def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor,
+                 reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed next-token NLL, and with the dense model's final hidden states `reference` [B, L, H]
+    the summed KL(dense || pruned) of the next-token distributions (fp32).
+
+    The dense side is kept as hidden states, not logits: its log-probabilities are recomputed
+    chunk by chunk, so a large vocabulary never needs tokens x vocab floats in memory.
+    """
     head = model.get_output_embeddings()
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    dense = None if reference is None else reference[:, :-1].reshape(-1, reference.shape[-1])
     targets = ids[:, 1:].reshape(-1)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    nll = hidden.new_zeros((), dtype=torch.float32)
+    kl = None if dense is None else hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), LOGIT_CHUNK):
-        logits = head(states[start:start + LOGIT_CHUNK]).float()
-        total = total + F.cross_entropy(logits, targets[start:start + LOGIT_CHUNK], reduction="sum")
-    return total
+        chunk = slice(start, start + LOGIT_CHUNK)
+        logits = head(states[chunk]).float()
+        nll = nll + F.cross_entropy(logits, targets[chunk], reduction="sum")
+        if dense is not None:
+            log_p = F.log_softmax(logits, dim=-1)
+            log_q = F.log_softmax(head(dense[chunk]).float(), dim=-1)
+            kl = kl + F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+    return nll, kl
 
 
 def predicted_tokens(blocks: torch.Tensor) -> int:
@@ -52,12 +70,12 @@ def perplexity(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 4
     return math.exp(mean), mean
 
 
-class _Replay(nn.Module):
-    """Stands in for a stack's leading layers: returns their output, saved from an earlier stack."""
+class Replay(nn.Module):
+    """Stands in for a stack's leading layers: returns their output, saved from an earlier pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.state: torch.Tensor | None = None
+        self.state = state
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.state
@@ -72,35 +90,42 @@ class PrefixScorer:
     because the shared layers would have computed the very same tensors.
     """
 
-    def __init__(self, model: PreTrainedModel, blocks: torch.Tensor, batch_size: int):
+    def __init__(self, model: PreTrainedModel, blocks: torch.Tensor, batch_size: int,
+                 reference: torch.Tensor | None = None):
         self.model = model
         self.blocks = blocks
+        self.reference = reference  # dense final hidden states of the blocks, for KL (None: NLL only)
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
         self._path: tuple[Hashable, ...] = ()
         self._states: list[list[torch.Tensor]] = []  # [batch][depth] hidden after depth+1 layers
-        self._replay = _Replay()
+        self._replay = Replay()
 
     def reset(self) -> None:
         self._path, self._states = (), []
 
     @torch.no_grad()
-    def nll(self, stack: LayerStack, share: bool = True) -> tuple[float, int]:
-        """Summed NLL and number of predicted tokens of the stack on all blocks."""
+    def losses(self, stack: LayerStack, share: bool = True) -> tuple[float, float | None, int]:
+        """Summed NLL, summed KL from the dense model (None without a reference) and number of
+        predicted tokens of the stack on all blocks."""
         keys = stack.keys
         shared = _common_prefix(keys, self._path) if share else 0
         shared = min(shared, len(keys))
-        total = 0.0
+        total, divergence = 0.0, None if self.reference is None else 0.0
         new_states: list[list[torch.Tensor]] = []
         for batch_index, start in enumerate(range(0, self.blocks.shape[0], self.batch_size)):
             ids = self.blocks[start:start + self.batch_size].to(self.device)
             kept = self._states[batch_index][:shared] if shared else []
             hidden, fresh = self._forward(ids, stack, shared, kept[-1] if kept else None, record=share)
-            total += float(nll_of_hidden(self.model, hidden, ids))
+            reference = None if self.reference is None else self.reference[start:start + self.batch_size].to(self.device)
+            nll, kl = token_losses(self.model, hidden, ids, reference)
+            total += float(nll)
+            if kl is not None:
+                divergence += float(kl)
             new_states.append(kept + fresh)
         if share:
             self._path, self._states = keys, new_states
-        return total, predicted_tokens(self.blocks)
+        return total, divergence, predicted_tokens(self.blocks)
 
     def _forward(self, ids: torch.Tensor, stack: LayerStack, shared: int, state: torch.Tensor | None,
                  record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -25,8 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, NoReturn, Sequence
 
-import ray
-import torch
+# A local, single-user Ray needs neither usage reporting nor token authentication; without
+# these Ray prints a warning about each at every start. A user's own setting wins.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError, RayTaskError
 

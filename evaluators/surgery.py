@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -24,7 +24,8 @@ Fuser = Callable[[Block], nn.Module]
 class LayerStack:
     """The decoder layers a chromosome asks for, with the attention type each one keeps."""
 
-    keys: tuple[Block, ...]  # identifies each module: equal keys mean the same computation
+    plan: tuple[Block, ...]  # the chromosome's blocks, in order
+    keys: tuple[Hashable, ...]  # identifies each module: equal key prefixes mean the same computation
     modules: tuple[nn.Module, ...]
     layer_types: tuple[str, ...] | None
 
@@ -42,7 +43,7 @@ def layer_stack(
             raise ChromosomeError("chromosome has MERGE genes but this evaluator was built without merging")
         modules.append(fuse(block) if block.merged else dense_layers[block.anchor])
     types = None if dense_types is None else tuple(dense_types[block.anchor] for block in plan)
-    return LayerStack(plan, tuple(modules), types)
+    return LayerStack(plan, plan, tuple(modules), types)
 
 
 def install_layers(model: PreTrainedModel, modules: Sequence[nn.Module], layer_types: Sequence[str] | None) -> None:
@@ -93,6 +94,10 @@ def dense_layer_types(model: PreTrainedModel) -> tuple[str, ...] | None:
 def compact_model(model: PreTrainedModel, genes: Sequence[int], fuse: Fuser | None = None) -> PreTrainedModel:
     """Cut the model down to the chromosome for good (fused layers become ordinary layers)."""
     layers = list(decoder_layers(model))
-    stack = layer_stack(layers, dense_layer_types(model), genes, fuse)
+    return install_stack(model, layer_stack(layers, dense_layer_types(model), genes, fuse))
+
+
+def install_stack(model: PreTrainedModel, stack: LayerStack) -> PreTrainedModel:
+    """Make a resolved (possibly repaired) stack the model's layers for good."""
     install_layers(model, stack.modules, stack.layer_types)
     return model

@@ -2,7 +2,12 @@
 
 Named sets resolve to a local copy first (a folder laid out like `shared/data`, given by
 `--data-dir` or $GAPRUNE_DATA_DIR) and otherwise to the Hugging Face hub through `datasets`.
-Search reads the calibration side (validation splits); reports read the test splits.
+Three texts, three roles:
+  calibration  search fitness and every statistic fitted from text (repair, alignment, norms):
+               the first half of WikiText-2 (tokenized) validation;
+  dev          choosing defaults and comparing variants: the second half of that file and
+               PTB validation, never seen by a search;
+  test         reported figures only: WikiText-2 raw test and PTB test.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from evaluators.models import cache_dir
 
-CALIBRATION_TEXT = "wikitext2-tok:validation"
+CALIBRATION_TEXT = "wikitext2-tok:calib"
+DEV_TEXTS = ("wikitext2-tok:dev", "ptb:validation")
 REPORT_TEXTS = ("wikitext2:test", "ptb:test")
 
 
@@ -32,7 +38,7 @@ class TextSource:
     hub: tuple[str, str, str, str] | None  # datasets path, config, split, column
     joiner: str  # how rows are joined into one running text
     description: str
-
+    half: int | None = None  # 0 or 1: only the first or second half of the rows
 
 TEXTS: dict[str, TextSource] = {
     "wikitext2:test": TextSource(
@@ -46,7 +52,13 @@ TEXTS: dict[str, TextSource] = {
         "WikiText-2 v1 tokenized test split (with <unk>)"),
     "wikitext2-tok:validation": TextSource(
         "wikitext2_tokenized/valid.txt", ("wikitext", "wikitext-2-v1", "validation", "text"), "\n",
-        "WikiText-2 v1 tokenized validation split: the default search text"),
+        "WikiText-2 v1 tokenized validation split"),
+    "wikitext2-tok:calib": TextSource(
+        "wikitext2_tokenized/valid.txt", ("wikitext", "wikitext-2-v1", "validation", "text"), "\n",
+        "first half of the WikiText-2 v1 tokenized validation rows: the calibration text", half=0),
+    "wikitext2-tok:dev": TextSource(
+        "wikitext2_tokenized/valid.txt", ("wikitext", "wikitext-2-v1", "validation", "text"), "\n",
+        "second half of the WikiText-2 v1 tokenized validation rows: a dev text", half=1),
     "ptb:test": TextSource(
         "ptb/ptb.test.txt", ("ptb_text_only", "penn_treebank", "test", "sentence"), "\n",
         "Penn Treebank test split"),
@@ -72,13 +84,17 @@ def load_text(name: str, data_dir: str | Path | None = None) -> str:
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     if source.local and folder is not None and (folder / source.local).is_file():
         rows = (folder / source.local).read_text(encoding="utf-8").splitlines()
-        return source.joiner.join(rows)
-    if source.hub is None:
+    elif source.hub is None:
         raise TextError(f"{name} has no local copy and is only on the hub")
-    return _load_from_hub(name, source, folder)
+    else:
+        rows = _load_from_hub(name, source, folder)
+    if source.half is not None:
+        middle = len(rows) // 2
+        rows = rows[:middle] if source.half == 0 else rows[middle:]
+    return source.joiner.join(rows)
 
 
-def _load_from_hub(name: str, source: TextSource, folder: Path | None) -> str:
+def _load_from_hub(name: str, source: TextSource, folder: Path | None) -> list[str]:
     import datasets  # imported here: a local copy needs none of its start-up cost
 
     path, config, split, column = source.hub
@@ -90,7 +106,7 @@ def _load_from_hub(name: str, source: TextSource, folder: Path | None) -> str:
             f"cannot load {name}: no local copy ({where}) and the hub is unreachable ({type(error).__name__}). "
             "Point --data-dir (or $GAPRUNE_DATA_DIR) at a folder laid out like shared/data."
         ) from None
-    return source.joiner.join(rows)
+    return list(rows)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

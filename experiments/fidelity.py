@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from chromosomes import from_string
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.perplexity import nll_of_hidden, perplexity
+from evaluators.perplexity import nll_of_hidden
 from evaluators.surgery import layer_view
 from evaluators.text import REPORT_TEXTS, text_blocks
 from experiments.report import save_results
@@ -49,12 +49,6 @@ def window_nlls(evaluator: ModelEvaluator, genes: Sequence[int], blocks: torch.T
             hidden = evaluator.model.model(input_ids=ids, use_cache=False).last_hidden_state
             out.append(float(nll_of_hidden(evaluator.model, hidden, ids)) / (ids.shape[1] - 1))
     return out
-
-
-def heldout(evaluator: ModelEvaluator, genes: Sequence[int], texts: dict[str, torch.Tensor]) -> dict[str, float]:
-    stack = evaluator.stack(genes)
-    with layer_view(evaluator.model, stack.modules, stack.layer_types):
-        return {name: perplexity(evaluator.model, blocks, evaluator.config.batch_size)[0] for name, blocks in texts.items()}
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -91,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for key in tqdm(keys, desc="chromosomes", unit="chromosome"):
         genes = from_string(key)
         measured.append({"chromosome": key, "window_nll": window_nlls(evaluator, genes, evaluator.split.score),
-                         **heldout(evaluator, genes, texts)})
+                         **evaluator.heldout(genes, texts)})
 
     fidelities = [2 ** i for i in range(int(math.log2(args.windows)) + 1)]
     rows = []

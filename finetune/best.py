@@ -5,9 +5,13 @@ and/or the RMSNorm weights on the calibration text, and measures held-out perple
 and after. The output folder (default: healed-<plan> beside the chromosome file) holds:
 
   the merged model    a standard Hugging Face folder with the tokenizer (from_pretrained, generate)
-  adapter/            the peft adapter alone, trained norm weights included
+  adapter/            the peft adapter alone, trained norm weights included (not with --steps 0)
   chromosome.json     the chromosome: with adapter/ it rebuilds the model
-  report.json         perplexity before and after, every setting, parameter counts, timing
+  report.json         perplexity before and after, every setting, parameter counts, timing, and
+                      size and prefill/decode speed against the dense model (--efficiency)
+
+With --steps 0 the compact model (merged and seam-repaired as the chromosome file records, or as
+--repair says) is exported untrained.
   tb/                 TensorBoard curves
 
 The run is built in a hidden staging folder beside the output (.<name>.partial) and renamed
@@ -21,10 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from evaluators.cli import add_config_arguments, config_from_args, fail
+from evaluators.cli import add_config_arguments, config_from_args, fail, interrupt_status, terminate_like_interrupt
 from evaluators.models import ModelLoadError
 from finetune.checkpoint import CheckpointError, read_state
 from finetune.config import HealConfig
+from finetune.efficiency import efficiency_lines
 from finetune.heal import prepare, run
 from finetune.output import OutputError
 
@@ -60,13 +65,24 @@ def default_out(chromosome: str | Path, plan: str) -> Path:
 
 def summary(report: dict[str, Any], out: Path) -> str:
     layers, training = report["layers"], report["training"]
-    lines = [f"healed {layers['compact']}-layer model ({layers['removed']} of {layers['base']} layers removed), "
-             f"plan {report['config']['plan']}, {training['steps']} steps in {training['seconds']:.1f} s"]
-    width = max(len(name) for name in report["after"])
-    for name, after in report["after"].items():
-        before = report["before"][name]["perplexity"]
-        lines.append(f"  {name:<{width}}  perplexity {before:10.3f} -> {after['perplexity']:10.3f}")
-    lines.append(f"wrote {out}: merged model, adapter/, chromosome.json, report.json, tb/")
+    repair = report["surgery_settings"]["repair"]
+    if report["after"] is None:
+        lines = [f"exported the {layers['compact']}-layer model ({layers['removed']} of {layers['base']} layers "
+                 f"removed, repair {repair}) untrained"]
+    else:
+        lines = [f"healed {layers['compact']}-layer model ({layers['removed']} of {layers['base']} layers removed, "
+                 f"repair {repair}), plan {report['config']['plan']}, {training['steps']} steps in "
+                 f"{training['seconds']:.1f} s"]
+    width = max(len(name) for name in report["before"])
+    for name, before in report["before"].items():
+        after = "" if report["after"] is None else f" -> {report['after'][name]['perplexity']:10.3f}"
+        lines.append(f"  {name:<{width}}  perplexity {before['perplexity']:10.3f}{after}")
+    if report["efficiency"] is not None:
+        lines.append("compact against dense, measured side by side:")
+        lines += efficiency_lines(report["efficiency"])
+    contents = "model, chromosome.json, report.json, tb/" if report["after"] is None else \
+        "merged model, adapter/, chromosome.json, report.json, tb/"
+    lines.append(f"wrote {out}: {contents}")
     return "\n".join(lines)
 
 
@@ -79,15 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except INPUT_ERRORS as error:
         fail(str(error))
     try:
-        report = run(prepared, progress=args.progress)
-    except KeyboardInterrupt:
+        with terminate_like_interrupt():
+            report = run(prepared, progress=args.progress)
+    except KeyboardInterrupt as interrupt:
         found = read_state(prepared.folder.checkpoints)
         if found is None:
             print("\ninterrupted before the first checkpoint: nothing to resume", file=sys.stderr)
         else:
             print(f"\ninterrupted: step {found[0].step} is checkpointed in {prepared.folder.staging}\n"
                   "continue with the same command and --resume", file=sys.stderr)
-        return 130
+        return interrupt_status(interrupt)
     except INPUT_ERRORS as error:
         fail(str(error))
     print(summary(report, out))

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from evaluators.cli import Settings
+from evaluators.repair import REPAIRS
 from evaluators.text import CALIBRATION_TEXT, REPORT_TEXTS
 
 # Which linear layers of each decoder layer carry LoRA in each plan; every plan also trains the
@@ -22,7 +23,7 @@ PLANS: dict[str, tuple[str, ...]] = {
 
 # Settings that change how a run is carried out or logged but not what it computes:
 # `--resume` accepts new values for these and refuses changes to any other setting.
-RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir"})
+RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir", "efficiency"})
 
 
 @dataclass
@@ -38,7 +39,7 @@ class HealConfig(Settings):
     alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     train_qk_norm: bool = field(default=False, metadata={"help": "also train Qwen3's per-head q_norm/k_norm"})
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps (0: export the compact model untrained)"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, no weight decay)"})
     warmup: int = field(default=20, metadata={"help": "steps of linear warm-up; then cosine decay to lr / 10"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass (training and evaluation)"})
@@ -62,6 +63,11 @@ class HealConfig(Settings):
                                                          "export: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
                                                          "float16; trained weights stay fp32 until the export"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    repair: str | None = field(default=None, metadata={"help": "seam repair of the compact model: lsq or none "
+                                                               "(default: as the chromosome file records, lsq "
+                                                               "for a file that records none)"})
+    efficiency: bool = field(default=True, metadata={"help": "measure parameters, memory and prefill/decode "
+                                                             "tokens/s of the compact model against the dense one"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
                                                                           "pass (less memory, slower)"})
     seed: int = field(default=0, metadata={"help": "seed for the adapter initialisation, data order and dropout: "
@@ -70,19 +76,21 @@ class HealConfig(Settings):
     def __post_init__(self) -> None:
         if self.plan not in PLANS:
             raise ValueError(f"plan must be one of {', '.join(PLANS)}, got {self.plan!r}")
-        for name in ("rank", "alpha", "steps", "batch_size", "grad_accum", "eval_tokens"):
+        for name in ("rank", "alpha", "batch_size", "grad_accum", "eval_tokens"):
             _require_int(self, name, minimum=1)
-        for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
+        for name in ("steps", "warmup", "eval_every", "checkpoint_every", "seed"):
             _require_int(self, name, minimum=0)
         for name in ("seq_len", "eval_seq_len"):
             _require_int(self, name, minimum=2)
         if self.eval_tokens < self.eval_seq_len:
             raise ValueError(f"eval_tokens ({self.eval_tokens}) must hold at least one window of "
                              f"eval_seq_len ({self.eval_seq_len})")
-        if self.warmup >= self.steps:
+        if self.steps and self.warmup >= self.steps:
             raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
         _require_number(self, "lr", positive=True)
         _require_number(self, "grad_clip", positive=False)
+        if self.repair is not None and self.repair not in REPAIRS:
+            raise ValueError(f"repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         names = self.eval_text_names

@@ -20,13 +20,15 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from chromosomes import ChromosomeRecord, to_string, write_json_atomic
-from evaluators.models import model_folder, resolve_device, resolve_dtype
+from evaluators.models import load_model, model_folder, resolve_device, resolve_dtype
 from evaluators.text import load_text, text_blocks
 from finetune.checkpoint import TrainState, read_state
 from finetune.config import HealConfig
 from finetune.model import (
-    attach_adapter, build_compact, check_windows, has_merges, load_chromosome, merge_settings, trainable_parameters,
+    attach_adapter, build_compact, check_windows, load_chromosome, needs_calibration_text, surgery_settings,
+    trainable_parameters,
 )
+from finetune.efficiency import compare, folder_bytes
 from finetune.output import OutputError, OutputFolder
 from finetune.train import Measurements, log_measurements, measure, train
 
@@ -81,8 +83,8 @@ def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace
     """Check every input and read the texts; raises with a message that names the problem."""
     record, spec = load_chromosome(chromosome, config.model)
     check_windows(config, spec)
-    if has_merges(record):  # the merge reads the search's calibration text: unknown settings or text fail now
-        searched = merge_settings(record, spec, config)
+    searched = surgery_settings(record, spec, config)  # unknown settings fail now
+    if needs_calibration_text(record, searched):  # ... and so does a missing calibration text
         load_text(searched.data, searched.data_dir)
     device, dtype = resolve_precision(config)
     folder = OutputFolder(out)
@@ -137,6 +139,8 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
         transformers.utils.logging.disable_progress_bar()
 
     # -- compact model ------------------------------------------------------------------------
+    say(f"cutting {p.spec} to {p.record.num_layers - p.record.removed} of {p.record.num_layers} layers "
+        f"(repair {surgery_settings(p.record, p.spec, config).repair})", progress)
     model, _ = build_compact(p.record, p.spec, config)
     p.folder.open(resume=p.resume_from is not None)
     board = SummaryWriter(str(p.folder.tensorboard), purge_step=p.state.step or None)
@@ -144,33 +148,57 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
 
     # -- measure before healing ---------------------------------------------------------------
     if p.resume_from is None:
+        say(f"measuring held-out perplexity ({', '.join(p.eval_blocks)})", progress)
         p.state.before = measure(model, p.eval_blocks, config.batch_size, p.dtype, progress)
         log_measurements(board, p.state.before, 0)
 
-    # -- train --------------------------------------------------------------------------------
+    # -- train (nothing to train with --steps 0: the compact model is exported as cut) ----------
     compact_size = sum(parameter.numel() for parameter in model.parameters())
-    adapted = attach_adapter(model, config)
-    counts = parameter_counts(adapted, compact_size)
-    state = train(adapted, p.train_blocks, p.eval_blocks, config, p.dtype, p.folder, board, p.state,
-                  p.resume_from, progress)
+    if config.steps:
+        adapted = attach_adapter(model, config)
+        counts = parameter_counts(adapted, compact_size)
+        state = train(adapted, p.train_blocks, p.eval_blocks, config, p.dtype, p.folder, board, p.state,
+                      p.resume_from, progress)
+        save_adapter(adapted, p.folder.staging / "adapter", f"gaprune-compact:{to_string(p.record.genes)}:{p.spec}")
+        final = merged_model(adapted, p.dtype)
+        after = measure(final, p.eval_blocks, config.batch_size, p.dtype, progress)
+        log_measurements(board, after, config.steps)
+    else:
+        final, state, after = model, p.state, None
+        counts = {"compact_model": compact_size, "trained": 0, "lora": 0, "norm": 0}
 
-    # -- export: adapter, merged model, measurements, report ---------------------------------
-    save_adapter(adapted, p.folder.staging / "adapter", f"gaprune-compact:{to_string(p.record.genes)}:{p.spec}")
-    merged = merged_model(adapted, p.dtype)
-    merged.save_pretrained(p.folder.staging)
+    # -- export: model, measurements, report --------------------------------------------------
+    say("saving the model", progress)
+    final.save_pretrained(p.folder.staging)
     p.tokenizer.save_pretrained(p.folder.staging)
-    after = measure(merged, p.eval_blocks, config.batch_size, p.dtype, progress)
-    log_measurements(board, after, config.steps)
     board.close()
-    report = build_report(p, state, after, counts, time.perf_counter() - started)
+    efficiency = measure_efficiency(p, final, progress) if config.efficiency else None
+    report = build_report(p, state, after, counts, efficiency, time.perf_counter() - started)
     p.record.save(p.folder.staging / "chromosome.json")
     write_json_atomic(p.folder.staging / "report.json", report)
     p.folder.publish(p.replace)
     return report
 
 
-def build_report(p: Prepared, state: TrainState, after: Measurements, counts: dict[str, int],
-                 seconds: float) -> dict[str, Any]:
+def say(message: str, progress: bool) -> None:
+    if progress:
+        print(f"gaprune: {message}", flush=True)
+
+
+def measure_efficiency(p: Prepared, compact: PreTrainedModel, progress: bool) -> dict[str, Any]:
+    """Size and speed of the exported model against the dense one, measured side by side now."""
+    say("measuring size and speed against the dense model", progress)
+    dense, _ = load_model(p.spec, p.config.dtype, p.config.device)
+    ids = next(iter(p.eval_blocks.values())).reshape(1, -1)
+    report = compare(dense, compact, ids)
+    report["dense"]["file_bytes"] = folder_bytes(model_folder(p.spec))
+    report["compact"]["file_bytes"] = folder_bytes(p.folder.staging)
+    del dense
+    return report
+
+
+def build_report(p: Prepared, state: TrainState, after: Measurements | None, counts: dict[str, int],
+                 efficiency: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
     config = p.config
     return {
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
@@ -184,7 +212,8 @@ def build_report(p: Prepared, state: TrainState, after: Measurements, counts: di
                      "last_loss": state.last_loss, "seconds": state.seconds},
         "parameters": counts,
         "config": config.to_dict(),
-        "merge_settings": merge_settings(p.record, p.spec, config).to_dict() if has_merges(p.record) else None,
+        "surgery_settings": surgery_settings(p.record, p.spec, config).to_dict(),
+        "efficiency": efficiency,
         "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
         "seconds": seconds,  # this invocation, from model load to publication
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

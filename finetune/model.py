@@ -1,6 +1,6 @@
 """The compact model a chromosome describes, and the peft adapter that heals it.
 
-The compact model is cut by the evaluators' own surgery (`compact_model`), with the merge
+The compact model is cut by the evaluators' own surgery, with the merge and seam-repair
 settings the search used, so the model trained here is the very model the GA scored.
 Everything that can be checked without weights (file format, depth, window lengths, merge
 settings) is checked first, so that a bad input fails in a second, not after a model load.
@@ -50,31 +50,32 @@ def check_windows(config: HealConfig, spec: str) -> None:
             raise ValueError(f"{name} ({getattr(config, name)}) exceeds the context of {spec} ({context} tokens)")
 
 
-def merge_settings(record: ChromosomeRecord, spec: str, config: HealConfig) -> EvaluatorConfig:
-    """The search's merge settings (saved in best.json), on this machine's model, device and data."""
+def surgery_settings(record: ChromosomeRecord, spec: str, config: HealConfig) -> EvaluatorConfig:
+    """The search's merge and repair settings (saved in best.json; defaults for a hand-written
+    file), on this machine's model, device and data, with --repair overriding the recorded one."""
     saved = record.extra.get("evaluator")
     if saved is not None and not isinstance(saved, dict):
         raise ChromosomeError("the chromosome file's extra.evaluator must be an object of evaluator settings")
     searched = EvaluatorConfig.from_dict(saved) if saved else EvaluatorConfig(model=record.model)
     return replace(searched, model=spec, dtype=config.dtype, device=config.device, threads=0,
-                   data_dir=config.data_dir)
+                   data_dir=config.data_dir, repair=config.repair or searched.repair)
 
 
-def has_merges(record: ChromosomeRecord) -> bool:
-    return Gene.MERGE in record.genes
+def needs_calibration_text(record: ChromosomeRecord, settings: EvaluatorConfig) -> bool:
+    """Merging (alignment statistics) and seam repair (least-squares statistics) read the calibration text."""
+    return Gene.MERGE in record.genes or settings.repair != "none"
 
 
 def build_compact(
     record: ChromosomeRecord, spec: str, config: HealConfig
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base model and cut it to the chromosome, fusing MERGE blocks as the search did."""
-    if has_merges(record):
-        evaluator = ModelEvaluator(merge_settings(record, spec, config))
-        model, tokenizer, fuse = evaluator.model, evaluator.tokenizer, evaluator.merger
-    else:
-        model, tokenizer = load_model(spec, config.dtype, config.device)
-        fuse = None
-    return compact_model(model, record.genes, fuse), tokenizer
+    """Load the base model and cut it to the chromosome, fusing and repairing as the search did."""
+    settings = surgery_settings(record, spec, config)
+    if needs_calibration_text(record, settings):
+        evaluator = ModelEvaluator(settings)
+        return evaluator.compact(record.genes), evaluator.tokenizer
+    model, tokenizer = load_model(spec, config.dtype, config.device)
+    return compact_model(model, record.genes), tokenizer
 
 
 def norm_module_names(model: PreTrainedModel, include_qk: bool) -> list[str]:

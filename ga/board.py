@@ -18,7 +18,8 @@ CELL = 8  # pixels per gene, so that a 30-layer map is readable
 
 
 class Board:
-    def __init__(self, log_dir: Path, first_step: int):
+    def __init__(self, log_dir: Path, first_step: int, objective: str = "perplexity"):
+        self.objective = objective  # tag prefix of the fitness curves: perplexity or kl
         # purge_step drops events a killed run logged after its last checkpoint, so a resumed
         # run's curves have each generation once.
         self.writer = SummaryWriter(str(log_dir), purge_step=first_step if first_step > 0 else None)
@@ -28,17 +29,17 @@ class Board:
         step = record["gen"]
         w = self.writer
         for key in ("best", "mean", "median", "worst"):
-            w.add_scalar(f"perplexity/{key}", record[key], step)
+            w.add_scalar(f"{self.objective}/{key}", record[key], step)
         w.add_scalar("population/diversity", record["diversity"], step)
         w.add_scalar("evaluations/new", record["evals"], step)
         w.add_scalar("evaluations/cache_hits", record["hits"], step)
         w.add_scalar("evaluations/total", record["total_evals"], step)
         w.add_scalar("speed/seconds_per_generation", seconds, step)
         w.add_scalar("speed/evaluations_per_second", record["evals"] / seconds if seconds > 0 else 0.0, step)
-        w.add_histogram("population/perplexity", np.asarray(fitnesses, dtype=np.float64), step)
+        w.add_histogram(f"population/{self.objective}", np.asarray(fitnesses, dtype=np.float64), step)
         w.add_image("layer_map/best", best_map(history), step, dataformats="HWC")
         w.add_image("layer_map/frequency", frequency_map(history), step, dataformats="HWC")
-        w.add_text("best/chromosome", f"`{history[-1]['best']}` perplexity {record['best']:.4f}", step)
+        w.add_text("best/chromosome", f"`{history[-1]['best']}` {self.objective} {record['best']:.4f}", step)
         w.flush()
 
     def close(self) -> None:

@@ -27,9 +27,10 @@ class SearchConfig(Settings):
     elite: int = field(default=2, metadata={"help": "best individuals copied unchanged into the next generation"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
     init: str = field(default="importance", metadata={"help": "initial population: importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); random"})
-    max_evals: int = field(default=0, metadata={"help": "stop after the generation in which this many chromosomes have been scored, a screening counting as its share of the scoring tokens (0: no limit)"})
+    max_evals: int = field(default=0, metadata={"help": "score at most this many chromosomes, a screening counting as its share of the scoring tokens; the generation that reaches it is cut short (0: no limit)"})
     screen_tokens: int = field(default=0, metadata={"help": "multi-fidelity: breed --screen-factor times more offspring, score them on this many tokens, fully score only the best (0: off)"})
     screen_factor: int = field(default=2, metadata={"help": "offspring bred per place when screening"})
+    patience: int = field(default=10, metadata={"help": "stop after this many generations without a better best chromosome (0: never)"})
     seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same run"})
 
     def __post_init__(self) -> None:
@@ -45,8 +46,8 @@ class SearchConfig(Settings):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-        if self.max_evals < 0 or self.screen_tokens < 0:
-            raise ValueError("max_evals and screen_tokens must not be negative")
+        if self.max_evals < 0 or self.screen_tokens < 0 or self.patience < 0:
+            raise ValueError("max_evals, screen_tokens and patience must not be negative")
         if self.screen_factor < 1:
             raise ValueError(f"screen_factor must be at least 1, got {self.screen_factor}")
         if self.init not in INITS:

@@ -8,6 +8,7 @@ resumed run repeats exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -26,8 +27,11 @@ from ga.operators import crossover, gene_frequencies, mean_pairwise_hamming, mut
 from ga.seeding import drop_weights, single_skips, skip_lowest
 
 
+SEEDING_CHUNK = 4  # single-layer removals scored per call while seeding: progress without losing much sharing
+
+
 class PerplexityFitness(base.Fitness):
-    weights = (-1.0,)  # minimize perplexity
+    weights = (-1.0,)  # minimize the fitness value (perplexity, or KL from the dense model)
 
 
 class Individual(list):
@@ -91,7 +95,7 @@ class SearchState:
 
     def to_json(self) -> dict[str, Any]:
         def entry(ind: Individual) -> dict[str, Any]:
-            return {"genes": list(ind), "perplexity": ind.fitness.values[0]}
+            return {"genes": list(ind), "fitness": ind.fitness.values[0]}
         return {
             "generation": self.generation,
             "population": [entry(ind) for ind in self.population],
@@ -109,7 +113,7 @@ class SearchState:
     def from_json(cls, data: dict[str, Any], hof_size: int) -> "SearchState":
         def individual(entry: dict[str, Any]) -> Individual:
             ind = Individual(entry["genes"])
-            ind.fitness.values = (entry["perplexity"],)
+            ind.fitness.values = (entry["fitness"],)
             return ind
         hall_of_fame = tools.HallOfFame(hof_size)
         for entry in reversed(data["hall_of_fame"]):  # reversed: equal fitnesses keep their order
@@ -126,31 +130,38 @@ class SearchState:
         )
 
 
-def score(individuals: list[Individual], evaluator: Evaluator, state: SearchState) -> tuple[int, int]:
-    """Give each individual without a valid fitness its perplexity; score every new chromosome once.
+def score(individuals: list[Individual], evaluator: Evaluator, state: SearchState,
+          limit: int | None = None) -> tuple[list[Individual], int, int]:
+    """Give each individual without a valid fitness its value; score every new chromosome once.
 
-    Returns (new evaluations, cache hits).
+    With `limit`, at most that many new chromosomes are scored (the rest of the evaluation
+    budget), and individuals left unscored are dropped, so that a search never overshoots.
+    Returns (the scored individuals, new evaluations, cache hits).
     """
     invalid = [ind for ind in individuals if not ind.fitness.valid]
     keys = [to_string(ind) for ind in invalid]
-    fitnesses = score_chromosomes(keys, evaluator, state)
+    evaluations = score_chromosomes(keys, evaluator, state, limit)
     for ind, key in zip(invalid, keys):
-        ind.fitness.values = (state.cache[key].perplexity,)
-    return fitnesses, len(invalid) - fitnesses
+        if key in state.cache:
+            ind.fitness.values = (state.cache[key].value,)
+    scored = [ind for ind in individuals if ind.fitness.valid]
+    return scored, evaluations, len(invalid) - evaluations - (len(individuals) - len(scored))
 
 
-def fill_cache(keys: list[str], evaluator: Evaluator, cache: dict[str, Fitness], tokens: int | None = None) -> int:
-    """Score the chromosomes (gene strings) not yet in `cache`, in one batch; return how many were new."""
-    new = list(dict.fromkeys(key for key in keys if key not in cache))
+def fill_cache(keys: list[str], evaluator: Evaluator, cache: dict[str, Fitness], tokens: int | None = None,
+               limit: int | None = None) -> int:
+    """Score the chromosomes (gene strings) not yet in `cache`, in one batch (at most `limit` of
+    them); return how many were new."""
+    new = list(dict.fromkeys(key for key in keys if key not in cache))[:limit]
     if new:
         for key, fitness in zip(new, evaluator.evaluate([from_string(key) for key in new], tokens=tokens)):
             cache[key] = fitness
     return len(new)
 
 
-def score_chromosomes(keys: list[str], evaluator: Evaluator, state: SearchState) -> int:
+def score_chromosomes(keys: list[str], evaluator: Evaluator, state: SearchState, limit: int | None = None) -> int:
     """Score the chromosomes not yet in the fitness cache; return how many were new."""
-    new = fill_cache(keys, evaluator, state.cache)
+    new = fill_cache(keys, evaluator, state.cache, limit=limit)
     state.evaluations += new
     return new
 
@@ -159,12 +170,17 @@ def single_skip_keys(num_layers: int) -> list[str]:
     return [to_string(genes) for genes in single_skips(num_layers)]
 
 
-def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState, removed: int) -> list[int] | None:
+def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState, removed: int,
+                  progress: bool = False) -> list[int] | None:
     """The chromosome a one-shot heuristic picks; what it costs counts against --max-evals."""
     if search.init == "importance":
+        from tqdm.auto import tqdm
         skips = single_skip_keys(evaluator.num_layers)
-        score_chromosomes(skips, evaluator, state)
-        return skip_lowest([state.cache[k].perplexity for k in skips], removed)
+        chunk = SEEDING_CHUNK
+        for start in tqdm(range(0, len(skips), chunk), desc="seeding: each layer removed alone", unit="chunk",
+                          disable=not progress, leave=False):
+            score_chromosomes(skips[start:start + chunk], evaluator, state)
+        return skip_lowest([state.cache[k].value for k in skips], removed)
     if search.init == "influence":
         state.evaluations += 1  # one dense forward over the scoring text
         return skip_lowest(evaluator.block_influence(), removed)
@@ -206,31 +222,33 @@ def breed(population: list[Individual], toolbox: base.Toolbox, search: SearchCon
 
 
 def screen(candidates: list[Individual], keep: int, evaluator: Evaluator, state: SearchState,
-           tokens: int) -> list[Individual]:
+           tokens: int, limit: int | None = None) -> list[Individual]:
     """Multi-fidelity: the `keep` candidates that earn a full evaluation.
 
     Screening decides where full evaluations go, so only chromosomes never fully scored compete,
-    ranked by perplexity on the first `tokens` tokens. Known ones (often unchanged copies of
+    ranked by their fitness on the first `tokens` tokens. Known ones (often unchanged copies of
     parents) and repeats fill the places left: the cache answers them for free. Letting them
     compete would let copies of good parents win every place, and nothing new would be scored.
+    At most `limit` chromosomes are screened (what the evaluation budget still allows).
     """
     keys = [to_string(ind) for ind in candidates]
     fresh = list(dict.fromkeys(key for key in keys if key not in state.cache))
-    state.screenings += fill_cache(fresh, evaluator, state.screen_cache, tokens)
-    contenders = sorted((keys.index(key) for key in fresh), key=lambda i: state.screen_cache[keys[i]].nll)
+    state.screenings += fill_cache(fresh, evaluator, state.screen_cache, tokens, limit)
+    fresh = [key for key in fresh if key in state.screen_cache]
+    contenders = sorted((keys.index(key) for key in fresh), key=lambda i: state.screen_cache[keys[i]].value)
     others = [i for i in range(len(candidates)) if i not in contenders]
     return [candidates[i] for i in (contenders + others)[:keep]]
 
 
 def next_generation(state: SearchState, toolbox: base.Toolbox, search: SearchConfig,
-                    evaluator: Evaluator) -> list[Individual]:
+                    evaluator: Evaluator, screen_limit: int | None = None) -> list[Individual]:
     """Elites unchanged, the rest bred from tournament winners (and screened, if asked)."""
     with drawing_from(state.rng):
         elites = [toolbox.clone(ind) for ind in tools.selBest(state.population, search.elite)]
         places = len(state.population) - search.elite
         offspring = breed(state.population, toolbox, search, places * (search.screen_factor if search.screen_tokens else 1))
     if search.screen_tokens:
-        offspring = screen(offspring, places, evaluator, state, search.screen_tokens)
+        offspring = screen(offspring, places, evaluator, state, search.screen_tokens, screen_limit)
     return elites + offspring
 
 
@@ -248,9 +266,10 @@ def record_generation(state: SearchState, evals: int, hits: int, stats: tools.St
 
 def best_record(state: SearchState, definition: dict[str, Any], provenance: dict[str, Any]) -> ChromosomeRecord:
     genes, fitness = state.best()
-    measured = {"perplexity": fitness.perplexity, "nll": fitness.nll, "tokens": fitness.tokens,
-                "seq_len": definition["seq_len"], "data": definition["data"],
-                "calibration": definition.get("calibration"), "merge": definition.get("merge")}
+    measured = {"perplexity": fitness.perplexity, "nll": fitness.nll, "kl": fitness.kl, "objective": fitness.objective,
+                "tokens": fitness.tokens, "seq_len": definition["seq_len"], "data": definition["data"],
+                "calibration": definition.get("calibration"), "merge": definition.get("merge"),
+                "repair": definition.get("repair")}
     extra = {**provenance, "generation": state.generation, "evaluations": state.evaluations}
     return ChromosomeRecord(tuple(genes), definition["model"], definition["num_layers"], measured, extra)
 
@@ -264,7 +283,7 @@ def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], sear
         raise RunError(f"cannot resume: the fitness is measured differently from the run's ({details})")
     if checkpoint["removed"] != removed:
         raise RunError(f"cannot resume: the run removes {checkpoint['removed']} layers, this asks for {removed}")
-    extendable = ("gens", "max_evals")  # a run may be continued further than first planned
+    extendable = ("gens", "max_evals", "patience")  # a run may be continued further than first planned
     before = {k: v for k, v in checkpoint["search"].items() if k not in extendable}
     now = {k: v for k, v in search.to_dict().items() if k not in extendable}
     if before != now:
@@ -275,14 +294,53 @@ def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], sear
 def evaluations_spent(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> float:
     """Full evaluations plus screenings, each screening counted as the share of the scoring
     tokens it reads: the budget --max-evals caps, comparable with methods that never screen."""
+    return state.evaluations + state.screenings * screening_share(search, definition)
+
+
+def screening_share(search: SearchConfig, definition: dict[str, Any]) -> float:
+    """What one screening costs, in full evaluations: the share of the scoring tokens it reads."""
     seq_len = definition["seq_len"]
-    screen_share = (search.screen_tokens // seq_len) * (seq_len - 1) / definition["tokens"]
-    return state.evaluations + state.screenings * screen_share
+    return (search.screen_tokens // seq_len) * (seq_len - 1) / definition["tokens"]
+
+
+def generations_without_progress(state: SearchState) -> int:
+    """Generations since the best fitness last improved."""
+    best, improved = math.inf, 0
+    for generation, record in enumerate(state.logbook):
+        if record["best"] < best:
+            best, improved = record["best"], generation
+    return max(0, len(state.logbook) - 1 - improved)
+
+
+def stop_reason(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> str | None:
+    """Why the search stops now, in words for the user; None while it goes on."""
+    if state.generation >= search.gens:
+        return f"reached --gens {search.gens}"
+    if evaluations_left(state, search, definition) == 0:
+        return f"spent the evaluation budget (--max-evals {search.max_evals})"
+    stalled = generations_without_progress(state)
+    if search.patience and stalled >= search.patience:
+        return f"no better chromosome in {stalled} generations (--patience {search.patience})"
+    return None
 
 
 def finished(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> bool:
-    return (state.generation >= search.gens
-            or 0 < search.max_evals <= evaluations_spent(state, search, definition))
+    return stop_reason(state, search, definition) is not None
+
+
+def evaluations_left(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> int | None:
+    """Full evaluations the budget still allows (None: no budget)."""
+    if not search.max_evals:
+        return None
+    return max(0, int(search.max_evals - evaluations_spent(state, search, definition) + 1e-9))
+
+
+def screenings_left(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> int | None:
+    """Screenings the budget still allows (None: no budget or no screening)."""
+    if not search.max_evals or not search.screen_tokens:
+        return None
+    left = search.max_evals - evaluations_spent(state, search, definition)
+    return max(0, int(left / screening_share(search, definition) + 1e-9))
 
 
 def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
@@ -312,21 +370,23 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
 
     from tqdm.auto import tqdm
     started = time.perf_counter()
-    seed = None if state.population else one_shot_seed(search, evaluator, state, removed)
+    seed = None if state.population else one_shot_seed(search, evaluator, state, removed, progress)
     weights = mutation_weights(state, evaluator.num_layers, removed)  # after seeding: it may fill the cache
     toolbox, stats = build_toolbox(search, evaluator.num_layers, removed, weights), build_statistics()
-    board = Board(folder.board_path, first_step=state.generation + 1 if state.population else 0)
+    board = Board(folder.board_path, first_step=state.generation + 1 if state.population else 0,
+                  objective="kl" if definition.get("fitness") == "kl" else "perplexity")
     bar = tqdm(total=search.gens + 1, initial=state.generation + 1 if state.population else 0,
                desc="generations", unit="gen", disable=not progress)
     try:
         if not state.population:
-            state.population = initial_population(toolbox, search, state, seed)
-            evals, hits = score(state.population, evaluator, state)
+            population = initial_population(toolbox, search, state, seed)
+            state.population, evals, hits = score(population, evaluator, state,
+                                                  evaluations_left(state, search, definition))
             finish_generation(evals, hits, time.perf_counter() - started)
         while not finished(state, search, definition):
             started, generation = time.perf_counter(), state.generation + 1
-            offspring = next_generation(state, toolbox, search, evaluator)
-            evals, hits = score(offspring, evaluator, state)
+            offspring = next_generation(state, toolbox, search, evaluator, screenings_left(state, search, definition))
+            offspring, evals, hits = score(offspring, evaluator, state, evaluations_left(state, search, definition))
             state.population, state.generation = offspring, generation
             finish_generation(evals, hits, time.perf_counter() - started)
     finally:

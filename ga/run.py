@@ -1,7 +1,8 @@
 """`python -m ga.run`: search for the layers to skip, keep and merge under a layer budget.
 
-Writes runs/<name>/ with config.json, checkpoint.json (after every generation), best.json
-and TensorBoard logs in tb/. `--resume runs/<name>` continues a stopped run exactly.
+Writes runs/<name>/ with config.json, checkpoint.json (after every generation), best.json,
+TensorBoard logs in tb/, and at the end summary.json and summary.png. `--resume runs/<name>`
+continues a stopped run exactly. Ctrl-C and SIGTERM keep the last checkpoint.
 """
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from evaluators.cli import add_config_arguments, fail
+from evaluators.cli import add_config_arguments, fail, interrupt_status, terminate_like_interrupt
 from evaluators.fitness import EvaluatorConfig
 from evaluators.models import ModelLoadError
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
-from ga.engine import evolve
+from ga.engine import evolve, stop_reason
+from ga.summary import build_summary, summary_lines, write_summary
 
 RUNTIME_DEFAULTS: dict[str, Any] = {"workers": "auto", "ray_address": None}
 # Settings that change how a run is computed but not what it computes: --resume may change them.
-RESUMABLE = {"gens", "max_evals", "device", "threads", "batch_size", "data_dir", "share_prefix"}
+RESUMABLE = {"gens", "max_evals", "patience", "device", "threads", "batch_size", "data_dir", "share_prefix"}
 _GIVEN = object()  # marks options the user did not type, so that --resume keeps the run's values
 
 
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default=None, help="run folder name (default: ga-<date>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None,
                      help="continue the run in RUN_DIR with its saved settings; only --gens, --max-evals, "
-                          "--workers, --ray-address, --device, --threads, --batch-size, --data-dir and --share-prefix may change")
+                          "--patience, --workers, --ray-address, --device, --threads, --batch-size, --data-dir and --share-prefix may change")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return parser
 
@@ -104,24 +106,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     provenance = {"run": folder.path.name, "search": search.to_dict(), "evaluator": evaluator_config.to_dict()}
     started = time.perf_counter()
     try:
-        with open_evaluator(evaluator_config, config["runtime"]["workers"], config["runtime"]["ray_address"]) as evaluator:
-            search.removed(evaluator.num_layers)  # an impossible budget fails before the folder exists
-            if args.resume:
-                folder.write_config(config)
-            else:
-                folder.create(config)
-            state = evolve(evaluator, search, folder, provenance, progress=args.progress)
-    except KeyboardInterrupt:
+        with terminate_like_interrupt():
+            say(f"loading {evaluator_config.model} ({config['runtime']['workers']} workers)", args.progress)
+            with open_evaluator(evaluator_config, config["runtime"]["workers"], config["runtime"]["ray_address"]) as evaluator:
+                search.removed(evaluator.num_layers)  # an impossible budget fails before the folder exists
+                if args.resume:
+                    folder.write_config(config)
+                else:
+                    folder.create(config)
+                state = evolve(evaluator, search, folder, provenance, progress=args.progress)
+                definition = evaluator.describe()
+                say("scoring the dense model for the summary", args.progress)
+                dense = evaluator.evaluate([[1] * evaluator.num_layers])[0]
+    except KeyboardInterrupt as interrupt:
         print(f"\ninterrupted: every finished generation is checkpointed in {folder.checkpoint_path}\n"
               f"continue with: python -m ga.run --resume {folder.path}", file=sys.stderr)
-        return 130
+        return interrupt_status(interrupt)
     except (RunError, ModelLoadError, ValueError, TimeoutError, ConnectionError, PoolError) as error:
         fail(str(error))
-    genes, fitness = state.best()
-    print(f"best chromosome {''.join(map(str, genes))}  perplexity {fitness.perplexity:.4f} on {fitness.tokens} "
-          f"calibration tokens\n{state.evaluations} evaluations in {time.perf_counter() - started:.1f} s; "
-          f"wrote {folder.best_path}")
+    summary = build_summary(state, definition, dense, stop_reason(state, search, definition) or "stopped",
+                            time.perf_counter() - started, folder.best_path)
+    write_summary(summary, folder.path)
+    print("\n".join(summary_lines(summary)) + f"\nwrote {folder.best_path}, summary.json and summary.png")
     return 0
+
+
+def say(message: str, progress: bool) -> None:
+    """One line about the phase that starts now (progress bars cover the long ones)."""
+    if progress:
+        print(f"gaprune: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

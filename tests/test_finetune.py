@@ -39,7 +39,7 @@ def held_out(tmp_path_factory):
 def chromosome(folder, genes, model_dir, text_file):
     """A best.json as the GA writes it, search settings included (the merge needs them)."""
     settings = EvaluatorConfig(model=str(model_dir), data=str(text_file), seq_len=32, score_tokens=128,
-                               align_tokens=64, batch_size=2)
+                               align_tokens=64, batch_size=2, repair_tokens=256)
     path = folder / f"best-{''.join(map(str, genes))}.json"
     ChromosomeRecord(genes=genes, model=str(model_dir), num_layers=len(genes),
                      extra={"evaluator": settings.to_dict()}).save(path)
@@ -178,7 +178,7 @@ def test_each_plan_trains_its_parameters_and_nothing_else(family, plan, qk_norm,
 def test_a_norm_run_changes_norm_weights_only(llama_dir, text_file, held_out, tmp_path):
     best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
     assert main(options(best, tmp_path / "norm", text_file, held_out, "--plan", "norm", "--steps", "3",
-                        "--gradient-checkpointing")) == 0
+                        "--gradient-checkpointing", "--repair", "none")) == 0
     base, _ = load_model(str(llama_dir))
     before = compact_model(base, SKIP_ONLY).state_dict()
     after = load_file(tmp_path / "norm" / "model.safetensors")
@@ -189,7 +189,8 @@ def test_a_norm_run_changes_norm_weights_only(llama_dir, text_file, held_out, tm
 
 def test_a_bf16_run_trains_in_fp32_and_exports_a_bf16_model(llama_dir, text_file, held_out, tmp_path):
     best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
-    assert main(options(best, tmp_path / "bf16", text_file, held_out, "--dtype", "bfloat16", "--steps", "3")) == 0
+    assert main(options(best, tmp_path / "bf16", text_file, held_out, "--dtype", "bfloat16", "--steps", "3",
+                        "--repair", "none")) == 0
     assert {v.dtype for v in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
     adapter = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
     assert {v.dtype for v in adapter.values()} == {torch.float32}
@@ -221,7 +222,8 @@ BAD_INPUTS = [  # extra options (or another chromosome), words the error must co
     ({"chromosome": "bad.json"}, "not valid JSON"),
     ({"chromosome": "deep.json"}, "made for a model with 8 decoder layers, but"),
     ((["--plan", "everything"]), "plan must be one of norm, qv, wide"),
-    ((["--steps", "0"]), "steps must be an integer of at least 1"),
+    ((["--steps", "-1"]), "steps must be an integer of at least 0"),
+    ((["--repair", "magic"]), "repair must be one of none, lsq"),
     ((["--lr", "-1"]), "lr must be a positive finite number"),
     ((["--steps", "5", "--warmup", "5"]), "warmup (5) must be shorter than steps (5)"),
     ((["--dropout", "1.5"]), "dropout must lie in [0, 1)"),
@@ -260,3 +262,36 @@ def test_the_module_runs_as_a_command_and_documents_every_setting(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "finetune.best", "--chromosome", str(tmp_path / "none.json")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "cannot read chromosome file" in missing.stderr
+
+
+def test_steps_0_exports_the_repaired_compact_model_untrained_with_its_efficiency(llama_dir, text_file, held_out,
+                                                                                  tmp_path):
+    """A hand-written chromosome file (genes, model, depth) is exported repaired, as a search scores it."""
+    best = tmp_path / "hand.json"
+    best.write_text(json.dumps({"format": "gaprune.chromosome", "format_version": 1, "genes": list(SKIP_ONLY),
+                                "model": str(llama_dir), "num_layers": 6}))
+    argv = options(best, tmp_path / "compact", text_file, held_out, "--steps", "0")
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "compact" / "report.json").read_text())
+    assert report["after"] is None and report["training"]["steps"] == 0
+    assert report["surgery_settings"]["repair"] == "lsq"
+    assert not (tmp_path / "compact" / "adapter").exists()
+    efficiency = report["efficiency"]
+    assert efficiency["compact"]["layers"] == 4 and efficiency["dense"]["layers"] == 6
+    assert efficiency["ratios"]["parameters"] < 1 and efficiency["compact"]["decode_tokens_per_s"] > 0
+    assert 0 < efficiency["compact"]["file_bytes"] < efficiency["dense"]["file_bytes"]
+
+    from evaluators.fitness import ModelEvaluator
+    scorer = ModelEvaluator(EvaluatorConfig(model=str(llama_dir)))  # a search's defaults: repair lsq, same text
+    stack = scorer.stack(SKIP_ONLY)
+    from evaluators.surgery import layer_view
+    with layer_view(scorer.model, stack.modules, stack.layer_types):
+        viewed = logits(scorer.model, PROMPT)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "compact", dtype=torch.float32).eval()
+    assert torch.allclose(logits(exported, PROMPT), viewed, atol=1e-5)
+    raw, _ = load_model(str(llama_dir))
+    assert not torch.allclose(logits(compact_model(raw, SKIP_ONLY), PROMPT), viewed, atol=1e-3)  # repair acted
+    assert exported.generate(PROMPT, max_new_tokens=5, do_sample=False, pad_token_id=2).shape == (2, 21)
+    measured = report["before"][str(held_out)]["perplexity"]
+    blocks = text_blocks(str(held_out), AutoTokenizer.from_pretrained(tmp_path / "compact"), 64, 1024)
+    assert measure(exported, {"held": blocks}, 4, torch.float32)["held"]["perplexity"] == pytest.approx(measured, rel=1e-5)

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.models import load_model
-from evaluators.surgery import compact_model, dense_layer_types, layer_stack, layer_view
+from evaluators.surgery import dense_layer_types, layer_stack, layer_view
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 SKIP_ONLY = [1, 0, 1, 1, 0, 1]
@@ -21,9 +21,10 @@ def ids(seed=0, length=40):
     return torch.randint(3, 300, (2, length), generator=torch.Generator().manual_seed(seed))
 
 
-def evaluator(folder, text_file):
+def evaluator(folder, text_file, repair="lsq"):
     return ModelEvaluator(EvaluatorConfig(model=str(folder), data=str(text_file), seq_len=32,
-                                          score_tokens=128, align_tokens=64, batch_size=2))
+                                          score_tokens=128, align_tokens=64, batch_size=2, repair=repair,
+                                          repair_tokens=256))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -46,26 +47,28 @@ def test_view_changes_output_and_restores_the_model_exactly(family, tiny_models)
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("genes", [SKIP_ONLY, WITH_MERGE], ids=["skip", "merge"])
-def test_view_and_compact_model_agree_and_export_reloads_identically(family, genes, tiny_models, text_file, tmp_path):
-    scorer = evaluator(tiny_models[family], text_file)
+@pytest.mark.parametrize("repair", ["none", "lsq"])
+def test_view_and_compact_model_agree_and_export_reloads_identically(family, genes, repair, tiny_models, text_file,
+                                                                     tmp_path):
+    scorer = evaluator(tiny_models[family], text_file, repair)
     stack = scorer.stack(genes)
     with layer_view(scorer.model, stack.modules, stack.layer_types):
         viewed = logits(scorer.model, ids())
-    compact = compact_model(scorer.model, genes, scorer.merger)
+    compact = scorer.compact(genes)
     assert torch.equal(logits(compact, ids()), viewed)
     if family == "qwen2":  # the sliding-window type travels with its layer
-        assert compact.config.layer_types == [scorer.dense_types[b.anchor] for b in stack.keys]
+        assert compact.config.layer_types == [scorer.dense_types[b.anchor] for b in stack.plan]
         assert compact.model.has_sliding_layers == ("sliding_attention" in compact.config.layer_types)
     compact.save_pretrained(tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    assert reloaded.config.num_hidden_layers == len(stack.keys)
+    assert reloaded.config.num_hidden_layers == len(stack.plan)
     assert torch.equal(logits(reloaded, ids()), viewed)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_with_kv_cache_matches_generation_without(family, tiny_models, text_file):
     scorer = evaluator(tiny_models[family], text_file)
-    compact = compact_model(scorer.model, WITH_MERGE, scorer.merger)
+    compact = scorer.compact(WITH_MERGE)
     prompt = ids(seed=1, length=12)
     settings = dict(max_new_tokens=30, do_sample=False, pad_token_id=2)  # 42 tokens: past the sliding window
     cached = compact.generate(prompt, use_cache=True, **settings)

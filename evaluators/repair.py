@@ -1,0 +1,237 @@
+"""Seam repair: a closed-form, training-free fix of every cut, folded into the weights.
+
+Where a chromosome removes layers a+1..t after a kept layer a, the residual stream after a no
+longer looks like the dense model's after t. Layer a's MLP writes into that stream through
+`down_proj`, so a linear map T on the MLP output can move a's output towards the dense one:
+
+    out_a = h_mid + mlp(h_mid)        (h_mid: the residual after a's attention)
+    fit T to minimise || h_mid + mlp(h_mid) T - dense_t ||^2 + ridge * ||T - I||^2
+
+and fold it into the weights, down_proj.W <- T^T W (bias b <- T^T b): same architecture, same
+parameter count, a plain Hugging Face model (ReplaceMe and LinearPatch fold such maps too).
+The normal equations are accumulated in fp64 over batches, so memory grows with hidden^2 and
+never with the number of tokens. Seams are fitted in order, each on the model whose earlier
+seams are already repaired, and a fitted seam is cached under the stack prefix it depends on,
+so that chromosomes sharing leading layers share their repairs.
+
+The first token of every window is left out of the statistics: its hidden state (the
+attention sink) is orders of magnitude larger than the others and would dominate the fit.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from evaluators.perplexity import Replay
+from evaluators.surgery import LayerStack, layer_view
+
+REPAIRS: tuple[str, ...] = ("none", "lsq")
+REPAIR_INPUTS: tuple[str, ...] = ("pruned", "dense")
+
+
+class RepairError(ValueError):
+    """The model's layers cannot be repaired this way; the message says why."""
+
+
+@dataclass(frozen=True)
+class RepairedLayer:
+    """Key of a repaired module: the raw block key, and the dense layer whose output it imitates."""
+
+    block: Hashable
+    target: int
+
+
+def seam_targets(stack: LayerStack, num_layers: int) -> list[tuple[int, int]]:
+    """(position in the stack, dense layer to imitate) for every kept block followed by removed layers.
+
+    The target is the last dense layer before the next kept block's anchor (or the model's last
+    layer); layers merged into the block count as removed, since the fused layer is not them.
+    """
+    anchors = [block.anchor for block in stack.plan] + [num_layers]
+    return [(k, anchors[k + 1] - 1) for k in range(len(stack.plan)) if anchors[k + 1] - 1 > anchors[k]]
+
+
+def mlp_output_projection(layer: nn.Module) -> nn.Linear:
+    """The linear map that writes a decoder layer's MLP output into the residual stream."""
+    projection = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    if not isinstance(projection, nn.Linear):
+        raise RepairError(f"{type(layer).__name__} has no mlp.down_proj linear layer: seam repair needs one "
+                          "(use --repair none)")
+    return projection
+
+
+def with_output_map(layer: nn.Module, transform: torch.Tensor) -> nn.Module:
+    """A copy of the layer whose MLP output is multiplied by `transform` [H, H] (down_proj W <- T^T W).
+
+    Only the MLP and its down_proj are new objects; every other submodule is the dense layer's own,
+    so a repaired view costs one hidden x intermediate matrix, not a whole layer.
+    """
+    down = mlp_output_projection(layer)
+    t = transform.to(torch.float64)
+    new_down = nn.Linear(down.in_features, down.out_features, bias=down.bias is not None,
+                         device=down.weight.device, dtype=down.weight.dtype)
+    with torch.no_grad():
+        new_down.weight.copy_((t.T @ down.weight.double()).to(down.weight.dtype))
+        if down.bias is not None:
+            new_down.bias.copy_((t.T @ down.bias.double()).to(down.bias.dtype))
+    new_down.requires_grad_(False)
+    mlp = copy.copy(layer.mlp)
+    mlp._modules = OrderedDict(layer.mlp._modules)
+    mlp._modules["down_proj"] = new_down
+    repaired = copy.copy(layer)
+    repaired._modules = OrderedDict(layer._modules)
+    repaired._modules["mlp"] = mlp
+    return repaired
+
+
+class NormalEquations:
+    """Running X^T X and X^T Y in fp64 for the ridge problem min ||X T - Y||^2 + ridge ||T - I||^2."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.xx = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.xy = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+        self.xx += x.T @ x
+        self.xy += x.T @ y
+        self.rows += x.shape[0]
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """T, shrunk towards the identity; ridge is relative to the mean diagonal of X^T X."""
+        size = self.xx.shape[0]
+        eye = torch.eye(size, dtype=torch.float64, device=self.xx.device)
+        strength = ridge * float(torch.diagonal(self.xx).mean()) + 1e-12
+        return torch.linalg.solve(self.xx + strength * eye, self.xy + strength * eye)
+
+
+class SeamRepairer:
+    """Fits and caches seam repairs of layer stacks on fixed calibration blocks."""
+
+    def __init__(self, model: PreTrainedModel, dense_layers: Sequence[nn.Module], blocks: torch.Tensor,
+                 batch_size: int, ridge: float = 1e-3, inputs: str = "pruned", max_cached: int = 256):
+        if ridge < 0:
+            raise RepairError(f"ridge must not be negative, got {ridge}")
+        for layer in dense_layers:
+            mlp_output_projection(layer)  # refuse an unsupported layout before any work
+        self.model = model
+        self.dense_layers = list(dense_layers)
+        self.blocks = blocks
+        self.batch_size = batch_size
+        if inputs not in REPAIR_INPUTS:
+            raise RepairError(f"repair inputs must be one of {', '.join(REPAIR_INPUTS)}, got {inputs!r}")
+        self.ridge = ridge
+        self.inputs = inputs
+        self.max_cached = max_cached
+        self.device = next(model.parameters()).device
+        # [depth][batch]: the dense residual stream after `depth` layers (0: the embeddings)
+        self._dense: list[list[torch.Tensor]] | None = None
+        # what a fit depends on -> (repaired module, its output per batch); with pruned inputs that
+        # is the stack's key prefix through the repaired block, with dense inputs the block alone
+        self._fitted: OrderedDict[Hashable, tuple[nn.Module, list[torch.Tensor]]] = OrderedDict()
+
+    def _batches(self) -> list[torch.Tensor]:
+        return [self.blocks[s:s + self.batch_size].to(self.device) for s in range(0, self.blocks.shape[0], self.batch_size)]
+
+    @torch.no_grad()
+    def dense_states(self) -> list[list[torch.Tensor]]:
+        """The dense residual stream before the first layer and after each layer on the repair
+        blocks: one dense forward, kept for all fits ((layers + 1) x tokens x hidden values)."""
+        if self._dense is None:
+            states: list[list[torch.Tensor]] = [[] for _ in range(len(self.dense_layers) + 1)]
+            hooks = [layer.register_forward_hook(lambda _m, _a, out, i=i: states[i + 1].append(out))
+                     for i, layer in enumerate(self.dense_layers)]
+            hooks.append(self.dense_layers[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: states[0].append(args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
+            try:
+                for ids in self._batches():
+                    self.model.model(input_ids=ids, use_cache=False)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._dense = states
+        return self._dense
+
+    def repaired(self, stack: LayerStack) -> LayerStack:
+        """The stack with every seam repaired (cached fits reused, new ones fitted in order).
+
+        With pruned inputs, each seam is fitted on what the cut model (earlier seams repaired)
+        feeds it: exact, at the cost of one forward of the new chromosome's layers over the repair
+        tokens. With dense inputs, a seam is fitted on the dense model's input to its block, so a
+        fit depends only on (block, target) and a search soon has every fit it needs cached.
+        """
+        seams = seam_targets(stack, len(self.dense_layers))
+        modules, keys = list(stack.modules), list(stack.keys)
+        state: list[torch.Tensor] | None = None  # output of the last repaired seam, per batch
+        done = 0  # blocks of the stack that `state` has passed through
+        for position, target in seams:
+            keys[position] = RepairedLayer(stack.keys[position], target)
+            dense_inputs = self.inputs == "dense"
+            key = keys[position] if dense_inputs else tuple(keys[:position + 1])
+            if key in self._fitted:
+                self._fitted.move_to_end(key)
+                modules[position], state = self._fitted[key]
+            else:
+                if dense_inputs:
+                    segment, start, state = [modules[position]], position, self.dense_states()[stack.plan[position].anchor]
+                else:
+                    segment, start = modules[done:position + 1], done
+                modules[position], state = self._fit(segment, stack, start, state, target)
+                self._fitted[key] = (modules[position], [] if dense_inputs else state)
+                while len(self._fitted) > self.max_cached:
+                    self._fitted.popitem(last=False)
+            done = position + 1
+        return LayerStack(stack.plan, tuple(keys), tuple(modules), stack.layer_types)
+
+    @torch.no_grad()
+    def _fit(self, segment: list[nn.Module], stack: LayerStack, start: int, state: list[torch.Tensor] | None,
+             target: int) -> tuple[nn.Module, list[torch.Tensor]]:
+        """Run `segment` (ending with the block to repair) from `state`, fit its output map, fold it.
+
+        Returns the repaired module and its output on every batch, the next segment's start.
+        """
+        layer = segment[-1]
+        dense = self.dense_states()[target + 1]
+        hidden = self.model.config.hidden_size
+        equations = NormalEquations(hidden, self.device)
+        outputs, mlp_outputs = [], []
+        for batch, ids in enumerate(self._batches()):
+            out, mlp_out = self._run(ids, segment, stack, start, None if state is None else state[batch])
+            h_mid = out - mlp_out
+            equations.add(mlp_out, dense[batch] - h_mid)
+            outputs.append(h_mid)
+            mlp_outputs.append(mlp_out)
+        transform = equations.solve(self.ridge)
+        t = transform.to(mlp_outputs[0].dtype)
+        repaired_out = [h_mid + mlp_out @ t for h_mid, mlp_out in zip(outputs, mlp_outputs)]
+        return with_output_map(layer, transform), repaired_out
+
+    def _run(self, ids: torch.Tensor, segment: list[nn.Module], stack: LayerStack, start: int,
+             state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output of the segment's last layer, and of that layer's MLP, on one batch."""
+        modules, types = list(segment), None
+        if stack.layer_types is not None:
+            types = list(stack.layer_types[start:start + len(segment)])
+        if state is not None:
+            modules.insert(0, Replay(state))
+            if types is not None:
+                types.insert(0, types[0])  # the replayed layers' attention type does not matter
+        captured: dict[str, torch.Tensor] = {}
+        last = segment[-1]
+        hooks = [last.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out)),
+                 last.mlp.register_forward_hook(lambda _m, _a, out: captured.__setitem__("mlp", out))]
+        try:
+            with layer_view(self.model, modules, types):
+                self.model.model(input_ids=ids, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return captured["out"], captured["mlp"]

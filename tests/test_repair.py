@@ -1,0 +1,149 @@
+"""Seam repair and KL fitness on tiny models: the fit does what its equations say, is folded into
+the weights exactly, is cached, and costs nothing where there is no seam."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chromosomes import blocks
+from evaluators.fitness import EvaluatorConfig, Fitness, ModelEvaluator, WORST_LOSS, finite_loss
+from evaluators.repair import NormalEquations, RepairError, seam_targets, with_output_map
+from evaluators.surgery import LayerStack, layer_view
+
+SKIPS = [1, 0, 0, 1, 1, 0]  # two seams: after layer 0 (to 2) and after layer 4 (to 5)
+MERGED = [1, 2, 1, 0, 1, 1]  # a merge block then a skip
+
+
+def make(folder, text_file, **overrides):
+    settings = dict(model=str(folder), data=str(text_file), seq_len=32, score_tokens=128, batch_size=2,
+                    align_tokens=64, repair_tokens=256)
+    return ModelEvaluator(EvaluatorConfig(**{**settings, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def repaired(llama_dir, text_file):
+    return make(llama_dir, text_file)
+
+
+def plan_stack(genes):
+    plan = blocks(genes)
+    return LayerStack(plan, plan, tuple(range(len(plan))), None)
+
+
+@pytest.mark.parametrize("genes, seams", [
+    ([1, 1, 1, 1], []),
+    ([1, 0, 0, 1, 1, 0], [(0, 2), (2, 5)]),
+    ([1, 2, 1, 0, 1, 1], [(0, 1), (1, 3)]),
+    ([0, 1, 1, 1], []),  # a leading cut has no kept layer before it to repair
+])
+def test_every_kept_block_followed_by_removed_layers_is_a_seam(genes, seams):
+    assert seam_targets(plan_stack(genes), len(genes)) == seams
+
+
+def test_the_fit_solves_the_ridge_problem_and_shrinks_to_the_identity():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=generator, dtype=torch.float64)
+    truth = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    equations = NormalEquations(6, torch.device("cpu"))
+    for part in (x[:200], x[200:]):  # accumulated over batches, as the repair does
+        equations.add(part, part @ truth)
+    assert equations.rows == 500 and equations.xx.shape == (6, 6)  # memory: hidden^2, never tokens
+    assert torch.allclose(equations.solve(0.0), truth, atol=1e-8)
+    assert torch.allclose(equations.solve(1e8), torch.eye(6, dtype=torch.float64), atol=1e-4)
+
+
+def test_folding_the_map_into_down_proj_multiplies_the_mlp_output(llama_dir):
+    from evaluators.models import load_model
+    model, _ = load_model(str(llama_dir))
+    layer = model.model.layers[1]
+    transform = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 6
+    folded = with_output_map(layer, transform)
+    x = torch.randn(3, 7, 32)
+    assert torch.allclose(folded.mlp(x), layer.mlp(x) @ transform, atol=1e-5)
+    assert folded.self_attn is layer.self_attn and folded.mlp.down_proj is not layer.mlp.down_proj
+    assert torch.equal(layer.mlp(x), model.model.layers[1].mlp(x))  # the dense layer is untouched
+
+
+@pytest.mark.parametrize("genes", [SKIPS, MERGED], ids=["skip", "merge"])
+@pytest.mark.parametrize("inputs", ["pruned", "dense"])
+def test_a_repaired_seam_matches_the_dense_state_better_than_the_raw_cut(llama_dir, text_file, genes, inputs):
+    """On the repair statistics, the repaired block's output is nearer the dense one than the raw cut's."""
+    repaired = make(llama_dir, text_file, repair_inputs=inputs)
+    repairer = repaired.repairer
+    raw = repaired.raw_stack(genes)
+    fixed = repaired.stack(genes)
+    dense = repairer.dense_states()
+    for position, target in seam_targets(raw, 6):
+        errors = []
+        for stack in (raw, fixed):
+            outputs = []
+            hook = stack.modules[position].register_forward_hook(lambda _m, _a, out: outputs.append(out))
+            with layer_view(repaired.model, stack.modules, stack.layer_types), torch.no_grad():
+                for batch in repairer._batches():
+                    repaired.model.model(input_ids=batch, use_cache=False)
+            hook.remove()
+            errors.append(sum(float((o - d).pow(2).sum()) for o, d in zip(outputs, dense[target + 1])))
+        assert errors[1] < 0.9 * errors[0], errors
+
+
+def test_repair_brings_the_cut_model_closer_to_the_dense_one_on_scoring_text(llama_dir, text_file):
+    raw = make(llama_dir, text_file, repair="none", fitness="kl").evaluate([SKIPS])[0]
+    fixed = make(llama_dir, text_file, fitness="kl").evaluate([SKIPS])[0]
+    assert fixed.kl < 0.9 * raw.kl, (raw.kl, fixed.kl)
+
+
+def test_fits_are_cached_and_a_dense_chromosome_needs_none(repaired):
+    first = repaired.evaluate([SKIPS])[0]
+    fitted = len(repaired.repairer._fitted)
+    again = repaired.evaluate([SKIPS])[0]
+    assert again.nll == first.nll and len(repaired.repairer._fitted) == fitted
+    dense_stack = repaired.stack([1] * 6)
+    assert dense_stack.keys == dense_stack.plan and list(dense_stack.modules) == repaired.dense_layers
+
+
+def test_with_dense_inputs_a_fit_depends_on_its_block_alone(llama_dir, text_file):
+    evaluator = make(llama_dir, text_file, repair_inputs="dense")
+    first = evaluator.stack([1, 0, 1, 1, 0, 1])  # seams after layer 0 (to 1) and after layer 3 (to 4)
+    second = evaluator.stack([1, 0, 1, 0, 1, 1])  # the same first seam behind other layers
+    assert first.modules[0] is second.modules[0]  # one fit, shared
+    assert len(evaluator.repairer._fitted) == 3
+    pruned = make(llama_dir, text_file).stack([1, 0, 1, 1, 0, 1])
+    assert not torch.equal(pruned.modules[2].mlp.down_proj.weight, first.modules[2].mlp.down_proj.weight)
+
+
+def test_repair_statistics_come_from_windows_the_fitness_never_reads(repaired):
+    split = repaired.split
+    assert repaired.repairer.blocks.data_ptr() == split.tune.data_ptr()
+    assert repaired.config.repair_blocks == 8 and split.tune.shape[0] >= 8
+    scored = {tuple(row.tolist()) for row in split.score}
+    assert not scored & {tuple(row.tolist()) for row in repaired.repairer.blocks}
+
+
+def test_kl_fitness_is_the_divergence_of_next_token_distributions(llama_dir, text_file):
+    evaluator = make(llama_dir, text_file, repair="none", fitness="kl")
+    dense, cut = evaluator.evaluate([[1] * 6, SKIPS])
+    assert dense.kl == pytest.approx(0.0, abs=1e-6) and dense.value == dense.kl
+    model, score = evaluator.model, evaluator.split.score
+    with torch.no_grad():
+        q = F.log_softmax(model(input_ids=score).logits[:, :-1].float(), -1)
+        stack = evaluator.stack(SKIPS)
+        with layer_view(model, stack.modules, stack.layer_types):
+            p = F.log_softmax(model(input_ids=score).logits[:, :-1].float(), -1)
+    expected = float((q.exp() * (q - p)).sum() / (score.shape[0] * (score.shape[1] - 1)))
+    assert cut.kl == pytest.approx(expected, rel=1e-4) and cut.objective == "kl" and cut.value == cut.kl
+    assert math.isclose(cut.perplexity, math.exp(cut.nll))
+
+
+def test_a_non_finite_loss_is_recorded_as_the_worst_finite_value():
+    assert finite_loss(float("nan")) == finite_loss(float("inf")) == finite_loss(1e9) == WORST_LOSS
+    assert finite_loss(2.5) == 2.5
+    assert math.isfinite(math.exp(WORST_LOSS))
+    restored = Fitness.from_dict({"perplexity": 3.0, "nll": 1.1, "tokens": 10, "seconds": 0.1, "calibrated": False})
+    assert restored.kl is None and restored.value == 3.0  # checkpoints written before KL existed
+
+
+def test_a_layer_without_down_proj_is_refused_with_a_message():
+    with pytest.raises(RepairError, match="mlp.down_proj.*--repair none"):
+        from evaluators.repair import mlp_output_projection
+        mlp_output_projection(torch.nn.Linear(2, 2))
