@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lsq 4k ridge 1e-1": {"repair_tokens": 4096, "repair_ridge": 1e-1},
     "lsq 16k ridge 1e-2": {"repair_tokens": 16384, "repair_ridge": 1e-2},
     "lsq 32k ridge 1e-3": {"repair_tokens": 32768, "repair_ridge": 1e-3},
+    "lsq 32k ridge 1e-3 dense inputs": {"repair_tokens": 32768, "repair_ridge": 1e-3, "repair_inputs": "dense"},
 }
 
 

@@ -12,7 +12,7 @@ from evaluators.fitness import Evaluator, Fitness
 class SearchResult:
     genes: list[int]
     fitness: Fitness
-    evaluations: int  # distinct chromosomes scored (full-fidelity equivalents)
+    evaluations: float  # distinct chromosomes scored (full-fidelity equivalents)
 
 
 def random_search(evaluator: Evaluator, removed: int, evaluations: int, seed: int, merge: bool = True,
@@ -29,7 +29,7 @@ def random_search(evaluator: Evaluator, removed: int, evaluations: int, seed: in
                 seen.add(to_string(genes))
                 fresh.append(genes)
         for genes, fitness in zip(fresh, evaluator.evaluate(fresh)):
-            if best is None or fitness.perplexity < best[1].perplexity:
+            if best is None or fitness.value < best[1].value:
                 best = (genes, fitness)
     assert best is not None
     return SearchResult(best[0], best[1], len(seen))
@@ -48,31 +48,32 @@ def _swap_mutation(parent: list[int], rng: random.Random, merge: bool) -> list[i
 
 def evopress_search(evaluator: Evaluator, removed: int, evaluations: float, seed: int, full_tokens: int,
                     offspring: int = 16, survivors: int = 2, screen_tokens: int | None = None,
-                    merge: bool = False) -> SearchResult:
+                    merge: bool = False, start: list[int] | None = None) -> SearchResult:
     """EvoPress-style (1 + lambda) search with staged selection.
 
     Each generation mutates the parent into `offspring` children, scores all of them on
     `screen_tokens` tokens, re-scores the best `survivors` on all `full_tokens`, and the best of
     those replaces the parent if it beats it. The budget is counted in full-evaluation
-    equivalents (a screening costs screen_tokens / full_tokens of one).
+    equivalents (a screening costs screen_tokens / full_tokens of one). The first parent is
+    `start`, or a random chromosome.
     """
     rng = random.Random(seed)
     screen_tokens = screen_tokens or max(1, full_tokens // 8)
     screen_cost = screen_tokens / full_tokens
     full: dict[str, Fitness] = {}
-    parent = random_chromosome(evaluator.num_layers, removed, rng, merge)
+    parent = list(start) if start is not None else random_chromosome(evaluator.num_layers, removed, rng, merge)
     full[to_string(parent)], = evaluator.evaluate([parent])
     spent = 1.0
     while spent + offspring * screen_cost + survivors <= evaluations:
         children = [_swap_mutation(parent, rng, merge) for _ in range(offspring)]
         screened = evaluator.evaluate(children, tokens=screen_tokens)
         spent += offspring * screen_cost
-        ranked = sorted(zip(children, screened), key=lambda pair: pair[1].nll)[:survivors]
+        ranked = sorted(zip(children, screened), key=lambda pair: pair[1].value)[:survivors]
         fresh = [genes for genes, _ in ranked if to_string(genes) not in full]
         for genes, fitness in zip(fresh, evaluator.evaluate(fresh) if fresh else []):
             full[to_string(genes)] = fitness
         spent += len(fresh)
-        best = min((genes for genes, _ in ranked), key=lambda g: full[to_string(g)].nll)
-        if full[to_string(best)].nll < full[to_string(parent)].nll:
+        best = min((genes for genes, _ in ranked), key=lambda g: full[to_string(g)].value)
+        if full[to_string(best)].value < full[to_string(parent)].value:
             parent = best
-    return SearchResult(parent, full[to_string(parent)], round(spent))
+    return SearchResult(parent, full[to_string(parent)], spent)
