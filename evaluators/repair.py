@@ -210,6 +210,8 @@ class SeamRepairer:
             outputs.append(h_mid)
             mlp_outputs.append(mlp_out)
         transform = equations.solve(self.ridge)
+        if not torch.isfinite(transform).all():  # non-finite activations (a broken model): leave the seam as cut
+            transform = torch.eye(hidden, dtype=transform.dtype, device=transform.device)
         t = transform.to(mlp_outputs[0].dtype)
         repaired_out = [h_mid + mlp_out @ t for h_mid, mlp_out in zip(outputs, mlp_outputs)]
         return with_output_map(layer, transform), repaired_out

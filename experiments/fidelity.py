@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seq_len = args.seq_len or definition["seq_len"]
     config = EvaluatorConfig(model=definition["model"], data=definition["data"], data_dir=args.data_dir,
                              seq_len=seq_len, score_tokens=args.windows * seq_len,
-                             threads=args.threads)
+                             threads=args.threads, repair="none")  # the ranked runs scored raw cuts
     evaluator = ModelEvaluator(config)
     texts = {name: text_blocks(name, evaluator.tokenizer, args.eval_seq_len, args.eval_tokens, args.data_dir)
              for name in REPORT_TEXTS}

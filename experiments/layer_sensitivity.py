@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--calib-steps", type=int, default=4)
     args = parser.parse_args(argv)
     base = EvaluatorConfig(model=args.model, data=args.data, data_dir=args.data_dir, seq_len=args.seq_len,
-                           score_tokens=args.score_tokens)
+                           score_tokens=args.score_tokens, repair="none")  # single cuts as they are
     rows = measure(base, args.calib_steps)
     save_results("layer_sensitivity", {"settings": base.to_dict(), "calib_steps": args.calib_steps, "rows": rows},
                  rows, ["layer", "dense", *columns(args.calib_steps)])

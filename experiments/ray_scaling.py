@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_arguments(args)
     try:
         config = EvaluatorConfig(model=args.model, data=args.data, data_dir=args.data_dir, device="cpu",
-                                 seq_len=args.seq_len, score_tokens=args.score_tokens)
+                                 seq_len=args.seq_len, score_tokens=args.score_tokens, repair="none")
         num_layers = AutoConfig.from_pretrained(model_folder(args.model)).num_hidden_layers
         remove = budget(num_layers, remove=args.remove)
     except (ValueError, ModelLoadError) as error:

@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     history = json.loads((run / "checkpoint.json").read_text())["state"]["history"]
     generations = [entry["population"] for entry in history[: args.generations or None]]
     config = EvaluatorConfig(**{**saved, "data_dir": args.data_dir or saved.get("data_dir"),
-                                "score_tokens": args.score_tokens, "calib_steps": 0})
+                                "score_tokens": args.score_tokens, "calib_steps": 0,
+                                "repair": saved.get("repair", "none")})  # runs before seam repair scored raw cuts
     requests = sum(len(p) for p in generations)
 
     shared = ModelEvaluator(config)

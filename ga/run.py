@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunError, ModelLoadError, ValueError, TimeoutError, ConnectionError, PoolError) as error:
         fail(str(error))
     summary = build_summary(state, definition, dense, stop_reason(state, search, definition) or "stopped",
-                            time.perf_counter() - started, folder.best_path)
+                            time.perf_counter() - started, folder.best_path, seeded=search.init != "random")
     write_summary(summary, folder.path)
     print("\n".join(summary_lines(summary)) + f"\nwrote {folder.best_path}, summary.json and summary.png")
     return 0

@@ -147,3 +147,25 @@ def test_a_layer_without_down_proj_is_refused_with_a_message():
     with pytest.raises(RepairError, match="mlp.down_proj.*--repair none"):
         from evaluators.repair import mlp_output_projection
         mlp_output_projection(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("repair", ["none", "lsq"])
+def test_a_model_that_computes_nan_gets_the_worst_fitness_and_the_search_goes_on(tmp_path, text_file, repair):
+    from ga.checkpoint import RunFolder
+    from ga.config import SearchConfig
+    from ga.engine import evolve
+    from tests.tiny import build_model
+    model = build_model("llama", tmp_path / "nan", num_layers=6)
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    evaluator = make(tmp_path / "nan", text_file, repair=repair)
+    broken, healthy = evaluator.evaluate([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0]])
+    assert broken.nll == WORST_LOSS and math.isfinite(broken.perplexity)
+    assert math.isfinite(healthy.nll) and healthy.nll < WORST_LOSS
+    search = SearchConfig(pop=6, gens=2, remove=2, init="random", seed=1, merge=False)
+    state = evolve(evaluator, search, RunFolder(tmp_path / "run"), progress=False)  # checkpoints are valid JSON
+    assert state.best()[1].nll < WORST_LOSS
+    resumed = evolve(evaluator, SearchConfig(**{**search.to_dict(), "gens": 3}), RunFolder(tmp_path / "run"),
+                     progress=False)
+    assert resumed.generation == 3

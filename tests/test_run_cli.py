@@ -10,7 +10,8 @@ import time
 import pytest
 
 SETTINGS = ["--pop", "8", "--seq-len", "32", "--score-tokens", "1024", "--align-tokens", "64",
-            "--batch-size", "8", "--workers", "local", "--no-progress"]
+            "--repair-tokens", "256", "--batch-size", "8", "--workers", "local", "--no-progress"]
+LONG = ["--patience", "0"]  # runs that must still be going when a signal arrives
 
 
 def command(llama_dir, text_file, out, *extra):
@@ -36,8 +37,8 @@ def generation_of(folder):
 def test_a_run_killed_at_any_moment_resumes_to_the_same_result(llama_dir, text_file, tmp_path):
     # Generations of this tiny search take milliseconds (most chromosomes come from the cache),
     # so the run is long and the kill lands soon after generation 2.
-    subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "60", "--name", "whole"), check=True)
-    killed = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "60", "--name", "killed"))
+    subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "60", "--name", "whole", *LONG), check=True)
+    killed = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "60", "--name", "killed", *LONG))
     while generation_of(tmp_path / "killed") < 2:
         assert killed.poll() is None, "run ended before it could be killed"
         time.sleep(0.01)
@@ -53,16 +54,19 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_result(llama_dir, text_f
         json.loads((tmp_path / "whole" / "best.json").read_text())["genes"]
 
 
-def test_ctrl_c_exits_cleanly_with_a_checkpoint_and_the_run_continues(llama_dir, text_file, tmp_path):
+@pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_exits_cleanly_with_a_checkpoint_and_the_run_continues(llama_dir, text_file, tmp_path,
+                                                                                 signal_number, status):
     # Once the cache answers most chromosomes a generation takes milliseconds: the run is made
     # far longer than the signal can take to arrive, or it may finish first on a busy machine.
-    run = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "100000", "--name", "int"),
+    run = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "100000", "--name", "int", *LONG),
                            stderr=subprocess.PIPE, text=True)
     while generation_of(tmp_path / "int") < 1:
         time.sleep(0.01)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(signal_number)
     _, stderr = run.communicate(timeout=60)
-    assert run.returncode == 130
+    assert run.returncode == status
     assert "--resume" in stderr and "Traceback" not in stderr
     stopped_at = generation_of(tmp_path / "int")
     assert 1 <= stopped_at < 100000
@@ -95,6 +99,9 @@ def test_resume_with_other_settings_or_into_a_finished_run_is_refused_and_loses_
     (["--model", "/no/such/model"], "neither a known id"),
     (["--data", "nonsense"], "unknown text 'nonsense'"),
     (["--elite", "8"], "elite must lie in 0..pop-1"),
+    (["--repair", "magic"], "repair must be one of none, lsq"),
+    (["--fitness", "bleu"], "fitness must be one of ppl, kl"),
+    (["--patience", "-1"], "patience must not be negative"),
     (["--workers", "many"], "workers"),
     (["--workers", "auto", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
 ])
@@ -110,5 +117,33 @@ def test_bad_options_fail_with_a_message_naming_the_problem(llama_dir, text_file
 def test_help_documents_the_options():
     text = subprocess.run([sys.executable, "-m", "ga.run", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--model", "--data", "--seq-len", "--calib-steps", "--calib-batch", "--remove", "--ratio",
-                   "--seed", "--workers", "--ray-address", "--out", "--resume", "--pop", "--gens"):
+                   "--seed", "--workers", "--ray-address", "--out", "--resume", "--pop", "--gens", "--repair",
+                   "--repair-tokens", "--repair-inputs", "--repair-ridge", "--fitness", "--patience"):
         assert option in text, option
+
+
+def test_a_run_stops_by_patience_and_summarizes_what_the_user_got(llama_dir, text_file, tmp_path):
+    done = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "500", "--patience", "3", "--name", "p"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "stopped: no better chromosome in 3 generations (--patience 3)" in done.stdout
+    assert "python -m finetune.best --chromosome" in done.stdout and "--steps 0" in done.stdout
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["generations"] < 500 and summary["layers"]["compact"] == 4
+    assert summary["decoder_parameters"]["compact"] < summary["decoder_parameters"]["dense"]
+    assert summary["fitness"]["dense"]["perplexity"] > 1 and "dense" in done.stdout  # a random tiny model may lose to its cut
+    assert summary["fitness"]["best"]["perplexity"] <= summary["fitness"]["seed"]["perplexity"]
+    assert summary["fitness"]["repair"]["method"] == "lsq"
+    assert (tmp_path / "p" / "summary.png").stat().st_size > 1000
+
+
+def test_kl_fitness_is_searched_and_recorded(llama_dir, text_file, tmp_path):
+    done = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "2", "--fitness", "kl", "--name", "kl"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    best = json.loads((tmp_path / "kl" / "best.json").read_text())
+    checkpoint = json.loads((tmp_path / "kl" / "checkpoint.json").read_text())["state"]
+    assert best["fitness"]["objective"] == "kl" and 0 < best["fitness"]["kl"]
+    budgeted = [entry["kl"] for key, entry in checkpoint["cache"].items() if len(key) - key.count("1") == 2]
+    assert best["fitness"]["kl"] == min(budgeted)  # (the cache also holds the single-layer seeding scans)
+    assert checkpoint["logbook"][-1]["best"] == best["fitness"]["kl"]
