@@ -33,6 +33,9 @@ from evaluators.surgery import LayerStack, layer_view
 
 REPAIRS: tuple[str, ...] = ("none", "lsq")
 REPAIR_INPUTS: tuple[str, ...] = ("pruned", "dense")
+# Memory for cached fits (each a new down_proj, and with pruned inputs the repaired block's output
+# on the repair tokens): an 8B model's down_proj alone is 117 MB in bf16, so count bytes, not fits.
+CACHE_BYTES = 2 * 1024**3
 
 
 class RepairError(ValueError):
@@ -116,7 +119,7 @@ class SeamRepairer:
     """Fits and caches seam repairs of layer stacks on fixed calibration blocks."""
 
     def __init__(self, model: PreTrainedModel, dense_layers: Sequence[nn.Module], blocks: torch.Tensor,
-                 batch_size: int, ridge: float = 1e-3, inputs: str = "pruned", max_cached: int = 256):
+                 batch_size: int, ridge: float = 1e-3, inputs: str = "pruned", cache_bytes: int = CACHE_BYTES):
         if ridge < 0:
             raise RepairError(f"ridge must not be negative, got {ridge}")
         for layer in dense_layers:
@@ -129,7 +132,8 @@ class SeamRepairer:
             raise RepairError(f"repair inputs must be one of {', '.join(REPAIR_INPUTS)}, got {inputs!r}")
         self.ridge = ridge
         self.inputs = inputs
-        self.max_cached = max_cached
+        self.cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self.device = next(model.parameters()).device
         # [depth][batch]: the dense residual stream after `depth` layers (0: the embeddings)
         self._dense: list[list[torch.Tensor]] | None = None
@@ -185,11 +189,17 @@ class SeamRepairer:
                 else:
                     segment, start = modules[done:position + 1], done
                 modules[position], state = self._fit(segment, stack, start, state, target)
-                self._fitted[key] = (modules[position], [] if dense_inputs else state)
-                while len(self._fitted) > self.max_cached:
-                    self._fitted.popitem(last=False)
+                self._remember(key, modules[position], [] if dense_inputs else state)
             done = position + 1
         return LayerStack(stack.plan, tuple(keys), tuple(modules), stack.layer_types)
+
+    def _remember(self, key: Hashable, module: nn.Module, state: list[torch.Tensor]) -> None:
+        """Cache a fit, dropping the least recently used ones beyond the cache's byte budget."""
+        self._fitted[key] = (module, state)
+        self._cached_bytes += _entry_bytes(module, state)
+        while self._cached_bytes > self.cache_bytes and len(self._fitted) > 1:
+            _, (old_module, old_state) = self._fitted.popitem(last=False)
+            self._cached_bytes -= _entry_bytes(old_module, old_state)
 
     @torch.no_grad()
     def _fit(self, segment: list[nn.Module], stack: LayerStack, start: int, state: list[torch.Tensor] | None,
@@ -237,3 +247,8 @@ class SeamRepairer:
             for hook in hooks:
                 hook.remove()
         return captured["out"], captured["mlp"]
+
+
+def _entry_bytes(module: nn.Module, state: list[torch.Tensor]) -> int:
+    weight = mlp_output_projection(module).weight
+    return weight.numel() * weight.element_size() + sum(t.numel() * t.element_size() for t in state)

@@ -108,7 +108,7 @@ def test_with_dense_inputs_a_fit_depends_on_its_block_alone(llama_dir, text_file
     second = evaluator.stack([1, 0, 1, 0, 1, 1])  # the same first seam behind other layers
     assert first.modules[0] is second.modules[0]  # one fit, shared
     assert len(evaluator.repairer._fitted) == 3
-    pruned = make(llama_dir, text_file).stack([1, 0, 1, 1, 0, 1])
+    pruned = make(llama_dir, text_file, repair_inputs="pruned").stack([1, 0, 1, 1, 0, 1])
     assert not torch.equal(pruned.modules[2].mlp.down_proj.weight, first.modules[2].mlp.down_proj.weight)
 
 
@@ -169,3 +169,12 @@ def test_a_model_that_computes_nan_gets_the_worst_fitness_and_the_search_goes_on
     resumed = evolve(evaluator, SearchConfig(**{**search.to_dict(), "gens": 3}), RunFolder(tmp_path / "run"),
                      progress=False)
     assert resumed.generation == 3
+
+
+def test_the_fit_cache_keeps_within_its_byte_budget(llama_dir, text_file):
+    evaluator = make(llama_dir, text_file, repair_inputs="pruned")
+    evaluator.repairer.cache_bytes = 1  # room for the newest fit only
+    evaluator.evaluate([SKIPS, MERGED, [1, 1, 0, 1, 0, 1]])
+    assert len(evaluator.repairer._fitted) == 1
+    again = make(llama_dir, text_file, repair_inputs="pruned").evaluate([SKIPS, MERGED, [1, 1, 0, 1, 0, 1]])
+    assert [f.nll for f in again] == [f.nll for f in evaluator.evaluate([SKIPS, MERGED, [1, 1, 0, 1, 0, 1]])]
