@@ -24,8 +24,8 @@ from experiments.report import save_results
 from ga.operators import mutate
 
 SEED = "111000111111000111111111100111"  # removal importance, 8 of 30 (experiments/repair_variants)
-VARIANTS = {"no repair": {"repair": "none"}, "lsq, dense inputs (default)": {"repair_inputs": "dense"},
-            "lsq, pruned inputs": {"repair_inputs": "pruned"}}
+VARIANTS = {"none": {"repair": "none"}, "lsq-dense": {"repair_inputs": "dense"},  # lsq-dense: the default
+            "lsq-pruned": {"repair_inputs": "pruned"}}
 
 
 def neighbours(count: int, seed: int) -> list[list[int]]:
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             began = time.perf_counter()
             evaluator.evaluate(batch)
             seconds[name].append((time.perf_counter() - began) / len(batch))
-    base = statistics.median(seconds["no repair"])
+    base = statistics.median(seconds["none"])
     rows = [{"repair": name, "seconds_per_evaluation": statistics.median(values),
              "ratio_to_no_repair": statistics.median(values) / base, "setup_seconds": setup[name]}
             for name, values in seconds.items()]
