@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from chromosomes import from_string, write_json_atomic
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.text import DEV_TEXTS, text_blocks
@@ -47,6 +49,7 @@ def measure(config: EvaluatorConfig, chromosomes: dict[str, str], dev_tokens: in
         fitness = evaluator.evaluate([from_string(genes)])[0]
         seconds = time.perf_counter() - started
         rows.append({"chromosome": label, "genes": genes, "fitness": fitness.perplexity, "first_eval_s": seconds,
+                     "threads": torch.get_num_threads(),
                      **evaluator.heldout(from_string(genes), texts)})
     return rows
 
