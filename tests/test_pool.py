@@ -36,7 +36,7 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def config(llama_dir, text_file) -> EvaluatorConfig:
     return EvaluatorConfig(model=str(llama_dir), data=str(text_file), seq_len=32, score_tokens=256,
-                           batch_size=3, align_tokens=64, threads=1)
+                           batch_size=3, align_tokens=64, repair_tokens=256, threads=1)
 
 
 @pytest.fixture(scope="module")
