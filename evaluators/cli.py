@@ -65,6 +65,12 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -
     return cls(**{**values, **overrides})
 
 
+def say(message: str, progress: bool = True) -> None:
+    """One line on stderr about the phase that starts now (progress bars cover the long ones)."""
+    if progress:
+        print(f"gaprune: {message}", file=sys.stderr, flush=True)
+
+
 def fail(message: str, code: int = 2) -> typing.NoReturn:
     """Exit with a one-line error that names the problem (no traceback for user mistakes)."""
     print(f"error: {message}", file=sys.stderr)

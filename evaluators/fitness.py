@@ -60,7 +60,8 @@ class Fitness:
 
 
 class Evaluator(Protocol):
-    """What the search needs from whatever scores chromosomes."""
+    """What the search needs from whatever scores chromosomes. An evaluator that scores several
+    chromosomes at once (a pool) also says how many, as `parallelism`."""
 
     num_layers: int
 

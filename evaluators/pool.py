@@ -243,6 +243,11 @@ class RayEvaluatorPool:
         self.num_layers: int = self._description["num_layers"]
         self.placements: list[dict[str, Any]] = [report["devices"] for report in reports]
 
+    @property
+    def parallelism(self) -> int:
+        """Chromosomes scored at once: one per live actor."""
+        return len(self._actors)
+
     def describe(self) -> dict[str, Any]:
         """The actors' own description: identical to an in-process evaluator's with the same config,
         so that a run may be resumed with other --workers."""

@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from chromosomes import ChromosomeRecord, to_string, write_json_atomic
+from evaluators.cli import say
 from evaluators.models import load_model, model_folder, resolve_device, resolve_dtype
 from evaluators.text import load_text, text_blocks
 from finetune.checkpoint import TrainState, read_state
@@ -178,11 +179,6 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
     write_json_atomic(p.folder.staging / "report.json", report)
     p.folder.publish(p.replace)
     return report
-
-
-def say(message: str, progress: bool) -> None:
-    if progress:
-        print(f"gaprune: {message}", flush=True)
 
 
 def measure_efficiency(p: Prepared, compact: PreTrainedModel, progress: bool) -> dict[str, Any]:

@@ -27,7 +27,9 @@ from ga.operators import crossover, gene_frequencies, mean_pairwise_hamming, mut
 from ga.seeding import drop_weights, single_skips, skip_lowest
 
 
-SEEDING_CHUNK = 4  # single-layer removals scored per call while seeding: progress without losing much sharing
+# Single-layer removals scored per call while seeding, per chromosome the evaluator scores at
+# once: the bar moves, and every worker of a pool still has work in each call.
+SEEDING_CHUNK = 4
 
 
 class PerplexityFitness(base.Fitness):
@@ -176,7 +178,7 @@ def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState
     if search.init == "importance":
         from tqdm.auto import tqdm
         skips = single_skip_keys(evaluator.num_layers)
-        chunk = SEEDING_CHUNK
+        chunk = SEEDING_CHUNK * getattr(evaluator, "parallelism", 1)
         for start in tqdm(range(0, len(skips), chunk), desc="seeding: each layer removed alone", unit="chunk",
                           disable=not progress, leave=False):
             score_chromosomes(skips[start:start + chunk], evaluator, state)
@@ -330,17 +332,22 @@ def finished(state: SearchState, search: SearchConfig, definition: dict[str, Any
 
 def evaluations_left(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> int | None:
     """Full evaluations the budget still allows (None: no budget)."""
-    if not search.max_evals:
-        return None
-    return max(0, int(search.max_evals - evaluations_spent(state, search, definition) + 1e-9))
+    return _budget_left(state, search, definition, cost=1.0)
 
 
 def screenings_left(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> int | None:
     """Screenings the budget still allows (None: no budget or no screening)."""
-    if not search.max_evals or not search.screen_tokens:
+    if not search.screen_tokens:
+        return None
+    return _budget_left(state, search, definition, cost=screening_share(search, definition))
+
+
+def _budget_left(state: SearchState, search: SearchConfig, definition: dict[str, Any], cost: float) -> int | None:
+    """How many more things of this cost (in full evaluations) fit in --max-evals."""
+    if not search.max_evals:
         return None
     left = search.max_evals - evaluations_spent(state, search, definition)
-    return max(0, int(left / screening_share(search, definition) + 1e-9))
+    return max(0, int(left / cost + 1e-9))
 
 
 def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from evaluators.cli import add_config_arguments, fail, interrupt_status, terminate_like_interrupt
+from evaluators.cli import add_config_arguments, fail, interrupt_status, say, terminate_like_interrupt
 from evaluators.fitness import EvaluatorConfig
 from evaluators.models import ModelLoadError
 from ga.checkpoint import RunError, RunFolder
@@ -130,11 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(summary_lines(summary)) + f"\nwrote {folder.best_path}, summary.json and summary.png")
     return 0
 
-
-def say(message: str, progress: bool) -> None:
-    """One line about the phase that starts now (progress bars cover the long ones)."""
-    if progress:
-        print(f"gaprune: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
