@@ -16,7 +16,7 @@ from chromosomes import ChromosomeError, blocks, validate
 from evaluators.calibration import calibrated_norms
 from evaluators.cli import Settings
 from evaluators.importance import block_influence
-from evaluators.merge import MERGE_RULES, Geometry, LayerMerger, collect_activations
+from evaluators.merge import PROBE_TOKENS, MERGE_RULES, Geometry, LayerMerger, collect_activations, record_layer_inputs
 from evaluators.models import DEFAULT_MODEL, decoder_layers, load_model
 from evaluators.perplexity import PrefixScorer, perplexity
 from evaluators.repair import REPAIR_INPUTS, REPAIRS, SeamRepairer
@@ -85,7 +85,7 @@ class EvaluatorConfig(Settings):
 
     kind = "evaluator setting"
 
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model id, Hugging Face folder or .gguf file"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "the model: smollm2-135m, a Hugging Face hub id (org/name; the Hugging Face cache is used, HF_HUB_OFFLINE respected), a model folder or a .gguf file"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     data: str = field(default=CALIBRATION_TEXT, metadata={"help": "calibration text: a named set or a .txt file"})
@@ -196,10 +196,12 @@ class ModelEvaluator:
         """Built on first use: alignment needs one dense forward pass that skip-only runs never pay."""
         if self._merger is None:
             activations = None
+            align_blocks = self.split.tune[: self.config.align_blocks]
             if self.config.align:
-                align_blocks = self.split.tune[: self.config.align_blocks]
                 activations = collect_activations(self.model, self.dense_layers, align_blocks, self.config.batch_size)
-            self._merger = LayerMerger(self.dense_layers, activations, Geometry.of(self.model.config), self.config.merge_rule)
+            probes = record_layer_inputs(self.model, self.dense_layers, align_blocks[:1, :PROBE_TOKENS])
+            self._merger = LayerMerger(self.dense_layers, activations, Geometry.of(self.model.config),
+                                       self.config.merge_rule, probes=probes, model_name=type(self.model).__name__)
         return self._merger
 
     @property

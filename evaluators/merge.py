@@ -11,16 +11,20 @@ Averaging raw weights mixes unrelated units. So before fusing layer j into ancho
    (assignment on the Procrustes fit of the heads' outputs),
 4. rotate each value/output head space of j by the orthogonal Procrustes solution onto a's.
 
-Every step leaves layer j's own function unchanged (tested). Then the aligned weights are
-combined with the anchor's by a rule: "mean" (interpolation) or "sum" (anchor plus the sum of
-the aligned differences, as LaCo does).
+Every step leaves layer j's own function unchanged, and the merger proves it for each layer
+before fusing it: the aligned layer must add to a few calibration tokens' hidden states what
+the original adds (fp32, relative error below ALIGNMENT_TOLERANCE). A family whose layout
+these steps misread (norms scaling by 1 + w, norms around each sub-layer, fused projections,
+a mixture of experts) is refused with a MergeError instead of scored wrong. Then the aligned
+weights are combined with the anchor's by a rule: "mean" (interpolation) or "sum" (anchor plus
+the sum of the aligned differences, as LaCo does).
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -31,6 +35,35 @@ from chromosomes import Block
 MergeRule = Literal["mean", "sum"]
 MERGE_RULES: tuple[str, ...] = ("mean", "sum")
 Params = dict[str, torch.Tensor]
+# An aligned layer may change what it adds to its input by at most this much (relative, fp32):
+# permutations and rotations are exact up to rounding (measured below 1e-6 on every supported family).
+ALIGNMENT_TOLERANCE = 1e-4
+PROBE_TOKENS = 32  # calibration tokens the check runs each aligned layer on
+
+
+class MergeError(ValueError):
+    """Merging would produce a layer that is not what the alignment promises."""
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """One recorded call of a dense decoder layer (hidden states and the model's keyword
+    arguments: position embeddings, masks), to re-run a layer in isolation."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def fp32(self) -> "LayerInput":
+        def cast(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value.float()
+            if isinstance(value, tuple):
+                return tuple(cast(v) for v in value)
+            return value
+        return LayerInput(cast(self.args), {key: cast(value) for key, value in self.kwargs.items()})
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,41 @@ def collect_activations(model: nn.Module, layers: Sequence[nn.Module], blocks: t
         for handle in handles:
             handle.remove()
     return [LayerActivations(torch.cat(m), torch.cat(h)) for m, h in zip(mlp, heads)]
+
+
+@torch.no_grad()
+def record_layer_inputs(model: nn.Module, layers: Sequence[nn.Module], ids: torch.Tensor) -> list[LayerInput]:
+    """Every dense layer's call on `ids` [1, tokens]: the probes that check an aligned layer."""
+    recorded: list[LayerInput | None] = [None] * len(layers)
+
+    def recorder(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            recorded[index] = LayerInput(args, dict(kwargs))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model.model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [probe for probe in recorded if probe is not None]
+
+
+def function_change(original: nn.Module, params: Params, probe: LayerInput) -> float:
+    """How much a layer rebuilt from `params` changes what `original` adds to its input
+    (relative norm of the difference, in fp32)."""
+    reference = copy.deepcopy(original).float()
+    rebuilt = build_layer(reference, params)
+    probe = probe.fp32()
+
+    def added(layer: nn.Module) -> torch.Tensor:
+        out = layer(*probe.args, **probe.kwargs)
+        return (out[0] if isinstance(out, tuple) else out) - probe.hidden()
+
+    with torch.no_grad():
+        expected = added(reference)
+        return float((added(rebuilt) - expected).norm() / expected.norm().clamp_min(1e-12))
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
@@ -212,6 +280,7 @@ class LayerMerger:
     def __init__(
         self, layers: Sequence[nn.Module], activations: Sequence[LayerActivations] | None,
         geometry: Geometry, rule: MergeRule = "mean", max_cached: int = 32,
+        probes: Sequence[LayerInput] | None = None, model_name: str = "this model",
     ):
         if rule not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
@@ -220,8 +289,11 @@ class LayerMerger:
         self.geometry = geometry
         self.rule = rule
         self.max_cached = max_cached
+        self.probes = probes  # None: no check (tests of the arithmetic itself)
+        self.model_name = model_name
         self._alignments: dict[tuple[int, int], Alignment] = {}
         self._fused: OrderedDict[Block, nn.Module] = OrderedDict()
+        self.changes: dict[tuple[int, int], float] = {}  # (anchor, other) -> checked function change
 
     def alignment(self, anchor: int, other: int) -> Alignment:
         if self.activations is None:
@@ -236,12 +308,38 @@ class LayerMerger:
         if block in self._fused:
             self._fused.move_to_end(block)
             return self._fused[block]
-        anchor = folded_params(self.layers[block.anchor])
-        aligned = [apply_alignment(folded_params(self.layers[j]), self.alignment(block.anchor, j), self.geometry)
-                   for j in block.merged]
+        anchor = self._folded(block.anchor)
+        aligned = [self.aligned(block.anchor, j) for j in block.merged]
         fused = build_layer(self.layers[block.anchor], combine(anchor, aligned, self.rule))
         fused.requires_grad_(False)
         self._fused[block] = fused
         while len(self._fused) > self.max_cached:
             self._fused.popitem(last=False)
         return fused
+
+    def aligned(self, anchor: int, other: int) -> Params:
+        """Layer `other` in the anchor's basis, refused unless it still computes what it did."""
+        try:
+            params = apply_alignment(self._folded(other), self.alignment(anchor, other), self.geometry)
+        except KeyError as missing:
+            raise self._layout_error(missing) from None
+        if self.probes is not None and (anchor, other) not in self.changes:
+            change = function_change(self.layers[other], params, self.probes[other])
+            if not change < ALIGNMENT_TOLERANCE:
+                raise MergeError(
+                    f"merging is not supported for {self.model_name}: aligning layer {other} to layer {anchor} "
+                    f"changed layer {other}'s own function by {change:.2e} (relative; at most "
+                    f"{ALIGNMENT_TOLERANCE:.0e} allowed), so its norms or projections are laid out otherwise than "
+                    "the merge assumes; pass --no-merge to search skip/keep only")
+            self.changes[anchor, other] = change
+        return params
+
+    def _folded(self, index: int) -> Params:
+        try:
+            return folded_params(self.layers[index])
+        except KeyError as missing:
+            raise self._layout_error(missing) from None
+
+    def _layout_error(self, missing: KeyError) -> MergeError:
+        return MergeError(f"merging is not supported for {self.model_name}: its layers have no {missing} (fused "
+                          "projections, or a mixture of experts?); pass --no-merge to search skip/keep only")

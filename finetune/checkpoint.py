@@ -44,6 +44,7 @@ class TrainState:
     before: dict[str, dict[str, float]]  # held-out measurements of the compact model before training
     last_loss: float | None  # training loss of the last step
     seconds: float  # training wall time so far
+    zero_shot_before: dict[str, dict[str, float]] | None = None  # lm-eval scores before training (--tasks)
 
 
 def save_checkpoint(root: Path, parameters: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -87,7 +88,7 @@ def read_state(root: Path) -> tuple[TrainState, Path] | None:
         raise CheckpointError(f"checkpoint in {root} is unreadable ({error})") from None
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder} is not a gaprune healing checkpoint of version {FORMAT_VERSION}")
-    state = TrainState(**{key: data[key] for key in TrainState.__dataclass_fields__})
+    state = TrainState(**{key: data[key] for key in TrainState.__dataclass_fields__ if key in data})
     return state, folder
 
 

@@ -66,6 +66,13 @@ class HealConfig(Settings):
     repair: str | None = field(default=None, metadata={"help": "seam repair of the compact model: lsq or none "
                                                                "(default: as the chromosome file records, lsq "
                                                                "for a file that records none)"})
+    tasks: str = field(default="", metadata={"help": "lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,"
+                                                     "hellaswag): zero-shot accuracy before and after healing; "
+                                                     "their data sets must be cached or reachable (needs "
+                                                     "pip install 'gaprune[eval]')"})
+    tasks_path: str | None = field(default=None, metadata={"help": "folder of extra lm-eval task YAML files (the "
+                                                                   "harness's include_path)"})
+    tasks_limit: int = field(default=0, metadata={"help": "at most this many examples per task (0: all)"})
     efficiency: bool = field(default=True, metadata={"help": "measure parameters, memory and prefill/decode "
                                                              "tokens/s of the compact model against the dense one"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
@@ -78,7 +85,7 @@ class HealConfig(Settings):
             raise ValueError(f"plan must be one of {', '.join(PLANS)}, got {self.plan!r}")
         for name in ("rank", "alpha", "batch_size", "grad_accum", "eval_tokens"):
             _require_int(self, name, minimum=1)
-        for name in ("steps", "warmup", "eval_every", "checkpoint_every", "seed"):
+        for name in ("steps", "warmup", "eval_every", "checkpoint_every", "seed", "tasks_limit"):
             _require_int(self, name, minimum=0)
         for name in ("seq_len", "eval_seq_len"):
             _require_int(self, name, minimum=2)
@@ -104,6 +111,10 @@ class HealConfig(Settings):
     @property
     def lora_targets(self) -> tuple[str, ...]:
         return PLANS[self.plan]
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.tasks.split(",") if name.strip())
 
     @property
     def eval_text_names(self) -> tuple[str, ...]:

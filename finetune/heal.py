@@ -32,6 +32,7 @@ from finetune.model import (
 from finetune.efficiency import compare, folder_bytes
 from finetune.output import OutputError, OutputFolder
 from finetune.train import Measurements, log_measurements, measure, train
+from finetune.zero_shot import Scores, TaskError, check_tasks, zero_shot
 
 REPORT_FORMAT = "gaprune.heal-report"
 REPORT_VERSION = 1
@@ -88,6 +89,8 @@ def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace
     if needs_calibration_text(record, searched):  # ... and so does a missing calibration text
         load_text(searched.data, searched.data_dir)
     device, dtype = resolve_precision(config)
+    if config.task_names:
+        check_harness(config)
     folder = OutputFolder(out)
     folder.check(replace, resume)
     if resume:
@@ -100,6 +103,24 @@ def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace
                    for name in config.eval_text_names}
     return Prepared(record, spec, config, folder, replace, device, dtype, tokenizer, train_blocks, eval_blocks,
                     state, resume_from)
+
+
+def check_harness(config: HealConfig) -> None:
+    """lm-eval must be installed and know every task, with its data at hand."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise TaskError("--tasks needs lm-evaluation-harness: pip install 'gaprune[eval]'") from None
+    check_tasks(config.task_names, config.tasks_path)
+
+
+def measure_tasks(p: Prepared, model: PreTrainedModel, progress: bool) -> Scores | None:
+    """Zero-shot scores of the model as it stands on --tasks (None without tasks)."""
+    if not p.config.task_names:
+        return None
+    say(f"lm-eval zero-shot: {', '.join(p.config.task_names)}", progress)
+    return zero_shot(model, p.tokenizer, p.config.task_names, p.config.tasks_path, p.config.batch_size,
+                     p.config.tasks_limit, p.config.seed)
 
 
 def save_adapter(model: PeftModel, folder: Path, base: str) -> None:
@@ -152,6 +173,7 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
         say(f"measuring held-out perplexity ({', '.join(p.eval_blocks)})", progress)
         p.state.before = measure(model, p.eval_blocks, config.batch_size, p.dtype, progress)
         log_measurements(board, p.state.before, 0)
+        p.state.zero_shot_before = measure_tasks(p, model, progress)
 
     # -- train (nothing to train with --steps 0: the compact model is exported as cut) ----------
     compact_size = sum(parameter.numel() for parameter in model.parameters())
@@ -164,8 +186,9 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
         final = merged_model(adapted, p.dtype)
         after = measure(final, p.eval_blocks, config.batch_size, p.dtype, progress)
         log_measurements(board, after, config.steps)
+        zero_shot_after = measure_tasks(p, final, progress)
     else:
-        final, state, after = model, p.state, None
+        final, state, after, zero_shot_after = model, p.state, None, None
         counts = {"compact_model": compact_size, "trained": 0, "lora": 0, "norm": 0}
 
     # -- export: model, measurements, report --------------------------------------------------
@@ -174,7 +197,9 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
     p.tokenizer.save_pretrained(p.folder.staging)
     board.close()
     efficiency = measure_efficiency(p, final, progress) if config.efficiency else None
-    report = build_report(p, state, after, counts, efficiency, time.perf_counter() - started)
+    zero_shot_scores = None if state.zero_shot_before is None else {"before": state.zero_shot_before,
+                                                                     "after": zero_shot_after}
+    report = build_report(p, state, after, counts, efficiency, zero_shot_scores, time.perf_counter() - started)
     p.record.save(p.folder.staging / "chromosome.json")
     write_json_atomic(p.folder.staging / "report.json", report)
     p.folder.publish(p.replace)
@@ -193,8 +218,14 @@ def measure_efficiency(p: Prepared, compact: PreTrainedModel, progress: bool) ->
     return report
 
 
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+    return version("lm_eval")
+
+
 def build_report(p: Prepared, state: TrainState, after: Measurements | None, counts: dict[str, int],
-                 efficiency: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+                 efficiency: dict[str, Any] | None, zero_shot_scores: dict[str, Scores | None] | None,
+                 seconds: float) -> dict[str, Any]:
     config = p.config
     return {
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
@@ -210,8 +241,10 @@ def build_report(p: Prepared, state: TrainState, after: Measurements | None, cou
         "config": config.to_dict(),
         "surgery_settings": surgery_settings(p.record, p.spec, config).to_dict(),
         "efficiency": efficiency,
+        "zero_shot": zero_shot_scores,  # lm-eval scores before and after healing (--tasks), or None
         "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
         "seconds": seconds,  # this invocation, from model load to publication
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
+                     "transformers": transformers.__version__, "peft": peft.__version__,
+                     **({"lm_eval": lm_eval_version()} if zero_shot_scores else {})},
     }

@@ -15,7 +15,8 @@ class SearchConfig(Settings):
 
     kind = "search setting"
 
-    pop: int = field(default=32, metadata={"help": "population size"})
+    pop: int = field(default=16, metadata={"help": "population: the best distinct chromosomes kept from one generation to the next"})
+    offspring: int = field(default=4, metadata={"help": "new chromosomes fully scored per generation"})
     gens: int = field(default=50, metadata={"help": "generations to evolve"})
     remove: int | None = field(default=None, metadata={"help": "decoder layers to remove (or give --ratio)"})
     ratio: float | None = field(default=None, metadata={"help": "fraction of decoder layers to remove (default 0.25)"})
@@ -24,24 +25,21 @@ class SearchConfig(Settings):
     mut_prob: float = field(default=0.5, metadata={"help": "probability that an offspring is mutated"})
     flip_prob: float = field(default=0.3, metadata={"help": "share of mutations that flip SKIP<->MERGE instead of moving a removed layer"})
     tournament: int = field(default=3, metadata={"help": "tournament size for parent selection"})
-    elite: int = field(default=2, metadata={"help": "best individuals copied unchanged into the next generation"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
     init: str = field(default="importance", metadata={"help": "initial population: importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); random"})
     max_evals: int = field(default=0, metadata={"help": "score at most this many chromosomes, a screening counting as its share of the scoring tokens; the generation that reaches it is cut short (0: no limit)"})
-    screen_tokens: int = field(default=0, metadata={"help": "multi-fidelity: breed --screen-factor times more offspring, score them on this many tokens, fully score only the best (0: off)"})
-    screen_factor: int = field(default=2, metadata={"help": "offspring bred per place when screening"})
+    screen_tokens: int = field(default=1024, metadata={"help": "multi-fidelity: breed --screen-factor times --offspring candidates, score them on this many tokens (whole windows, fewer than the scoring tokens) and fully score only the best --offspring (0: off)"})
+    screen_factor: int = field(default=4, metadata={"help": "candidates bred per offspring when screening"})
     patience: int = field(default=10, metadata={"help": "stop after this many generations without a better best chromosome (0: never)"})
     seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same run"})
 
     def __post_init__(self) -> None:
-        for name in ("pop", "gens", "tournament", "hof"):
+        for name in ("pop", "offspring", "gens", "tournament", "hof"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.pop < 2:
             raise ValueError(f"pop must be at least 2, got {self.pop}")
-        if not 0 <= self.elite < self.pop:
-            raise ValueError(f"elite must lie in 0..pop-1 ({self.pop - 1}), got {self.elite}")
         for name in ("cx_prob", "mut_prob", "flip_prob"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):

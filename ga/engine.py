@@ -1,8 +1,9 @@
 """The evolution loop: DEAP's toolbox, selection, variation, HallOfFame and Logbook, with
-elitism, a fitness cache and an exact checkpoint after every generation.
+(mu + lambda) replacement, multi-fidelity screening, a fitness cache and an exact checkpoint
+after every generation.
 
-DEAP's `eaSimple` has neither elitism nor checkpoints, so the loop is written out here in
-the shape of DEAP's checkpointing example. All randomness (DEAP's operators draw from the
+DEAP's `eaMuPlusLambda` has neither screening nor checkpoints, so the loop is written out here
+in the shape of DEAP's checkpointing example. All randomness (DEAP's operators draw from the
 global `random` module) comes from one `random.Random` whose state is checkpointed, so a
 resumed run repeats exactly what an uninterrupted one would have done.
 """
@@ -90,6 +91,7 @@ class SearchState:
     evaluations: int = 0
     screenings: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # per generation: best, gene shares, population
+    seed: str | None = None  # the one-shot chromosome the search started from (None: random start)
 
     def best(self) -> tuple[list[int], Fitness]:
         genes = list(self.hall_of_fame[0])
@@ -109,6 +111,7 @@ class SearchState:
             "evaluations": self.evaluations,
             "screenings": self.screenings,
             "history": self.history,
+            "seed": self.seed,
         }
 
     @classmethod
@@ -129,6 +132,7 @@ class SearchState:
             cache={key: Fitness.from_dict(value) for key, value in data["cache"].items()},
             screen_cache={key: Fitness.from_dict(value) for key, value in data["screen_cache"].items()},
             evaluations=data["evaluations"], screenings=data["screenings"], history=data["history"],
+            seed=data.get("seed"),
         )
 
 
@@ -198,60 +202,73 @@ def mutation_weights(state: SearchState, num_layers: int, removed: int) -> list[
     return drop_weights([state.cache[key].nll for key in keys], removed)
 
 
-def initial_population(toolbox: base.Toolbox, search: SearchConfig, state: SearchState,
+def initial_candidates(toolbox: base.Toolbox, search: SearchConfig, state: SearchState,
                        seed: list[int] | None) -> list[Individual]:
-    """Random feasible individuals, or the one-shot chromosome and variants of it 1 to 3 mutations away.
+    """Generation 0's candidates: random feasible chromosomes, or variants of the one-shot
+    chromosome 1 to 3 mutations away.
 
-    A seeded population has no random members: at a real budget (a quarter of the layers and
-    more) a random chromosome is orders of magnitude worse than the seed's neighbours, so it
-    would only spend evaluations.
+    Variants of a seed are never mixed with random members: at a real budget (a quarter of the
+    layers and more) a random chromosome is orders of magnitude worse than the seed's
+    neighbours, so it would only spend evaluations.
     """
+    count = candidates_per_generation(search)
     with drawing_from(state.rng):
         if seed is None:
-            return [toolbox.individual() for _ in range(search.pop)]
-        population = [Individual(seed)]
-        while len(population) < search.pop:
-            variant = toolbox.clone(population[0])
+            return [toolbox.individual() for _ in range(count)]
+        variants = []
+        for _ in range(count):
+            variant = Individual(seed)
             for _ in range(random.randint(1, 3)):
                 toolbox.mutate(variant)
-            population.append(variant)
-        return population
+            variants.append(variant)
+        return variants
 
 
-def breed(population: list[Individual], toolbox: base.Toolbox, search: SearchConfig, count: int) -> list[Individual]:
-    """`count` offspring of tournament winners, by crossover and mutation."""
-    return algorithms.varAnd(toolbox.select(population, count), toolbox, search.cx_prob, search.mut_prob)
+def candidates_per_generation(search: SearchConfig) -> int:
+    return search.offspring * (search.screen_factor if search.screen_tokens else 1)
+
+
+def breed(population: list[Individual], toolbox: base.Toolbox, search: SearchConfig, state: SearchState) -> list[Individual]:
+    """Candidate offspring of tournament winners, by crossover and mutation."""
+    with drawing_from(state.rng):
+        parents = toolbox.select(population, candidates_per_generation(search))
+        return algorithms.varAnd(parents, toolbox, search.cx_prob, search.mut_prob)
+
+
+def offspring_to_score(candidates: list[Individual], evaluator: Evaluator, state: SearchState, search: SearchConfig,
+                       screen_limit: int | None) -> list[Individual]:
+    """All candidates, or when screening the --offspring best new ones on the screening tokens."""
+    if not search.screen_tokens:
+        return candidates
+    return screen(candidates, search.offspring, evaluator, state, search.screen_tokens, screen_limit)
 
 
 def screen(candidates: list[Individual], keep: int, evaluator: Evaluator, state: SearchState,
            tokens: int, limit: int | None = None) -> list[Individual]:
     """Multi-fidelity: the `keep` candidates that earn a full evaluation.
 
-    Screening decides where full evaluations go, so only chromosomes never fully scored compete,
-    ranked by their fitness on the first `tokens` tokens. Known ones (often unchanged copies of
-    parents) and repeats fill the places left: the cache answers them for free. Letting them
-    compete would let copies of good parents win every place, and nothing new would be scored.
-    At most `limit` chromosomes are screened (what the evaluation budget still allows).
+    Only chromosomes never fully scored compete, ranked by their fitness on the first `tokens`
+    tokens: a known one (often an unchanged copy of a parent) adds nothing to a population that
+    already holds the best, and would take a place from something new. At most `limit`
+    chromosomes are screened (what the evaluation budget still allows).
     """
     keys = [to_string(ind) for ind in candidates]
     fresh = list(dict.fromkeys(key for key in keys if key not in state.cache))
     state.screenings += fill_cache(fresh, evaluator, state.screen_cache, tokens, limit)
-    fresh = [key for key in fresh if key in state.screen_cache]
-    contenders = sorted((keys.index(key) for key in fresh), key=lambda i: state.screen_cache[keys[i]].value)
-    others = [i for i in range(len(candidates)) if i not in contenders]
-    return [candidates[i] for i in (contenders + others)[:keep]]
+    ranked = sorted((key for key in fresh if key in state.screen_cache), key=lambda key: state.screen_cache[key].value)
+    return [candidates[keys.index(key)] for key in ranked[:keep]]
 
 
-def next_generation(state: SearchState, toolbox: base.Toolbox, search: SearchConfig,
-                    evaluator: Evaluator, screen_limit: int | None = None) -> list[Individual]:
-    """Elites unchanged, the rest bred from tournament winners (and screened, if asked)."""
-    with drawing_from(state.rng):
-        elites = [toolbox.clone(ind) for ind in tools.selBest(state.population, search.elite)]
-        places = len(state.population) - search.elite
-        offspring = breed(state.population, toolbox, search, places * (search.screen_factor if search.screen_tokens else 1))
-    if search.screen_tokens:
-        offspring = screen(offspring, places, evaluator, state, search.screen_tokens, screen_limit)
-    return elites + offspring
+def survivors(individuals: list[Individual], count: int) -> list[Individual]:
+    """(mu + lambda) replacement: the best `count` distinct chromosomes among parents and offspring.
+
+    With a budget of tens of evaluations, a generational population would throw away most of
+    what it paid for; keeping the best of everything scored lets each generation spend its
+    few full evaluations on the most promising variants, as EvoPress's staged selection does,
+    while crossover still recombines what different members found.
+    """
+    distinct = list({to_string(ind): ind for ind in reversed(individuals)}.values())[::-1]  # first copy of each
+    return tools.selBest(distinct, count)
 
 
 def record_generation(state: SearchState, evals: int, hits: int, stats: tools.Statistics) -> dict[str, Any]:
@@ -291,6 +308,18 @@ def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], sear
     if before != now:
         changed = sorted(k for k in before if before[k] != now.get(k))
         raise RunError(f"cannot resume: search settings differ from the run's ({', '.join(changed)})")
+
+
+def check_screening(search: SearchConfig, definition: dict[str, Any]) -> None:
+    """Screening must read whole windows, and fewer than the full fitness reads."""
+    if not search.screen_tokens:
+        return
+    seq_len = definition["seq_len"]
+    score_tokens = definition["tokens"] // (seq_len - 1) * seq_len
+    if not seq_len <= search.screen_tokens < score_tokens:
+        raise RunError(f"--screen-tokens {search.screen_tokens} must be at least one window ({seq_len} tokens) "
+                       f"and fewer than the {score_tokens} scoring tokens; pass --screen-tokens 0 to score every "
+                       "offspring in full")
 
 
 def evaluations_spent(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> float:
@@ -356,6 +385,7 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
     provenance = provenance or {}
     removed = search.removed(evaluator.num_layers)
     definition = evaluator.describe()
+    check_screening(search, definition)
     checkpoint = folder.load_checkpoint()
     if checkpoint is not None:
         check_resumable(checkpoint, definition, search, removed)
@@ -386,15 +416,19 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
                desc="generations", unit="gen", disable=not progress)
     try:
         if not state.population:
-            population = initial_population(toolbox, search, state, seed)
-            state.population, evals, hits = score(population, evaluator, state,
-                                                  evaluations_left(state, search, definition))
+            state.seed = None if seed is None else to_string(seed)
+            candidates = initial_candidates(toolbox, search, state, seed)
+            offspring = ([Individual(seed)] if seed is not None else []) + offspring_to_score(
+                candidates, evaluator, state, search, screenings_left(state, search, definition))
+            scored, evals, hits = score(offspring, evaluator, state, evaluations_left(state, search, definition))
+            state.population = survivors(scored, search.pop)
             finish_generation(evals, hits, time.perf_counter() - started)
         while not finished(state, search, definition):
             started, generation = time.perf_counter(), state.generation + 1
-            offspring = next_generation(state, toolbox, search, evaluator, screenings_left(state, search, definition))
-            offspring, evals, hits = score(offspring, evaluator, state, evaluations_left(state, search, definition))
-            state.population, state.generation = offspring, generation
+            candidates = breed(state.population, toolbox, search, state)
+            offspring = offspring_to_score(candidates, evaluator, state, search, screenings_left(state, search, definition))
+            scored, evals, hits = score(offspring, evaluator, state, evaluations_left(state, search, definition))
+            state.population, state.generation = survivors(state.population + scored, search.pop), generation
             finish_generation(evals, hits, time.perf_counter() - started)
     finally:
         bar.close()

@@ -17,7 +17,7 @@ from evaluators.fitness import EvaluatorConfig
 from evaluators.models import ModelLoadError
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
-from ga.engine import evolve, stop_reason
+from ga.engine import check_screening, evolve, stop_reason
 from ga.summary import build_summary, summary_lines, write_summary
 
 RUNTIME_DEFAULTS: dict[str, Any] = {"workers": "auto", "ray_address": None}
@@ -29,7 +29,7 @@ _GIVEN = object()  # marks options the user did not type, so that --resume keeps
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ga.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example: python -m ga.run --pop 32 --gens 50 --ratio 0.25 --calib-steps 4")
+        epilog="Example: python -m ga.run --ratio 0.25 --fitness kl --patience 10")
     add_config_arguments(parser, SearchConfig, "search")
     add_config_arguments(parser, EvaluatorConfig, "fitness (model, text, calibration)")
     run = parser.add_argument_group("run")
@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"loading {evaluator_config.model} ({config['runtime']['workers']} workers)", args.progress)
             with open_evaluator(evaluator_config, config["runtime"]["workers"], config["runtime"]["ray_address"]) as evaluator:
                 search.removed(evaluator.num_layers)  # an impossible budget fails before the folder exists
+                check_screening(search, evaluator.describe())
                 if args.resume:
                     folder.write_config(config)
                 else:
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunError, ModelLoadError, ValueError, TimeoutError, ConnectionError, PoolError) as error:
         fail(str(error))
     summary = build_summary(state, definition, dense, stop_reason(state, search, definition) or "stopped",
-                            time.perf_counter() - started, folder.best_path, seeded=search.init != "random")
+                            time.perf_counter() - started, folder.best_path)
     write_summary(summary, folder.path)
     print("\n".join(summary_lines(summary)) + f"\nwrote {folder.best_path}, summary.json and summary.png")
     return 0

@@ -19,14 +19,13 @@ def decoder_parameters(genes: Sequence[int], layer_parameters: Sequence[int]) ->
 
 
 def build_summary(state: Any, definition: dict[str, Any], dense: Fitness, stop: str, seconds: float,
-                  best_path: Path, seeded: bool) -> dict[str, Any]:
-    """Everything the user reads at the end of a search, as plain data; `seeded`: the first
-    individual of the first generation is a one-shot seed."""
+                  best_path: Path) -> dict[str, Any]:
+    """Everything the user reads at the end of a search, as plain data."""
     genes, best = state.best()
     layer_parameters = definition["layer_parameters"]
     kept = decoder_parameters(genes, layer_parameters)
     total = sum(layer_parameters)
-    seed_key = state.history[0]["population"][0] if seeded and state.history else None
+    seed_key = state.seed
     seed = state.cache.get(seed_key) if seed_key else None
     return {
         "best": to_string(genes),

@@ -15,13 +15,14 @@ class PlantedEvaluator:
     def __init__(self, target: Sequence[int]):
         self.target = tuple(target)
         self.num_layers = len(target)
-        self.calls: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()  # full evaluations per chromosome
+        self.screened: Counter[str] = Counter()  # evaluations on a prefix of the scoring tokens
 
     def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
         results = []
         for genes in population:
             genes = validate(genes, self.num_layers)
-            self.calls[to_string(genes)] += 1
+            (self.calls if tokens is None else self.screened)[to_string(genes)] += 1
             distance = sum(a != b for a, b in zip(genes, self.target))
             ppl = 10.0 + distance + 0.01 * sum(i * g for i, g in enumerate(genes)) / self.num_layers
             results.append(Fitness(ppl, math.log(ppl), 100, 0.0, False))
@@ -35,4 +36,4 @@ class PlantedEvaluator:
         return influence
 
     def describe(self) -> dict:
-        return {"model": "planted", "num_layers": self.num_layers, "data": "synthetic", "seq_len": 1, "tokens": 100}
+        return {"model": "planted", "num_layers": self.num_layers, "data": "synthetic", "seq_len": 1024, "tokens": 4 * 1023}

@@ -295,3 +295,115 @@ def test_steps_0_exports_the_repaired_compact_model_untrained_with_its_efficienc
     measured = report["before"][str(held_out)]["perplexity"]
     blocks = text_blocks(str(held_out), AutoTokenizer.from_pretrained(tmp_path / "compact"), 64, 1024)
     assert measure(exported, {"held": blocks}, 4, torch.float32)["held"]["perplexity"] == pytest.approx(measured, rel=1e-5)
+
+
+def test_sigterm_exits_like_ctrl_c_with_a_checkpoint_and_the_run_resumes(llama_dir, text_file, held_out, tmp_path):
+    """What SLURM and Kubernetes send before a kill: exit 143, the last checkpoint kept, resumable."""
+    import signal
+    import time
+    best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
+    # Far more steps than the signal can take to arrive (a step takes milliseconds), or the
+    # run may finish first on a busy machine.
+    argv = [sys.executable, "-m", "finetune.best", *options(best, tmp_path / "out", text_file, held_out,
+                                                            "--steps", "300", "--checkpoint-every", "1",
+                                                            "--no-efficiency")]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / ".out.partial" / "checkpoints"
+    while not (checkpoints / "latest.json").is_file():
+        assert run.poll() is None, run.communicate()[1]
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr
+    assert "is checkpointed" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()  # nothing half-published
+    latest = checkpoints / json.loads((checkpoints / "latest.json").read_text())["folder"]
+    stopped_at = json.loads((latest / "state.json").read_text())["step"]
+    assert 1 <= stopped_at < 300
+    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["training"]["steps"] == 300
+
+
+TINY_TASK = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def choice_accuracy(model, tokenizer, rows):
+    """Accuracy the harness's way, computed here: the choice (after the harness's delimiter, a space)
+    with the highest summed log-probability."""
+    hits = 0
+    for row in rows:
+        context = tokenizer(row["question"], add_special_tokens=False)["input_ids"]  # the harness adds no BOS
+        scores = []
+        for choice in row["choices"]:
+            ids = tokenizer(row["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(context), len(ids))))
+        hits += max(range(len(scores)), key=scores.__getitem__) == row["label"]
+    return hits / len(rows)
+
+
+@pytest.fixture
+def tiny_task(tmp_path):
+    """A multiple-choice task of the training grammar, defined from a local JSON file."""
+    import random
+    rng = random.Random(3)
+    sentences = grammar_text(40, seed=4).split(".")
+    rows = []
+    for sentence in (s.strip() for s in sentences if len(s.split()) > 3):
+        words = sentence.split()
+        other = rng.choice(sentences).split()[2:] or ["the"]  # another sentence's continuation
+        rows.append({"question": " ".join(words[:2]), "choices": [" ".join(words[2:]), " ".join(other)], "label": 0})
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (folder / "tiny_choice.yaml").write_text(TINY_TASK.format(data=folder / "data.jsonl"))
+    return folder, rows
+
+
+def test_tasks_are_scored_by_lm_eval_before_and_after_healing(llama_dir, text_file, held_out, tmp_path, tiny_task,
+                                                              monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder, rows = tiny_task
+    best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
+    assert main(options(best, tmp_path / "out", text_file, held_out, "--steps", "10", "--no-efficiency",
+                        "--tasks", "tiny_choice", "--tasks-path", str(folder))) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    before, after = (report["zero_shot"][when]["tiny_choice"] for when in ("before", "after"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    compact, _ = build_compact(ChromosomeRecord.load(best), str(llama_dir), HealConfig(data_dir=None))
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert before["acc,none"] == pytest.approx(choice_accuracy(compact.eval(), tokenizer, rows))
+    assert after["acc,none"] == pytest.approx(choice_accuracy(healed, tokenizer, rows))
+    assert report["versions"]["lm_eval"]
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ("arc_easy", "lm-eval task arc_easy: its data set cannot be loaded"),
+    ("no_such_task", "unknown lm-eval task(s): no_such_task"),
+])
+def test_a_task_without_its_data_fails_in_one_line_before_any_training(llama_dir, text_file, held_out, tmp_path,
+                                                                       monkeypatch, capsys, tasks, message):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # this machine has no hub: fail now, not after retries
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
+    with pytest.raises(SystemExit) as failure:
+        main(options(best, tmp_path / "out", text_file, held_out, "--steps", "3", "--tasks", tasks))
+    error = capsys.readouterr().err
+    assert failure.value.code == 2 and message in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()

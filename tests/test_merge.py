@@ -3,14 +3,16 @@ import pytest
 import torch
 
 from chromosomes import Block
+from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.merge import (
-    Alignment, Geometry, LayerMerger, apply_alignment, build_layer, collect_activations, combine,
-    compute_alignment, folded_params,
+    ALIGNMENT_TOLERANCE, Alignment, Geometry, LayerMerger, MergeError, apply_alignment, build_layer,
+    collect_activations, combine, compute_alignment, folded_params,
 )
 from evaluators.models import load_model
 from evaluators.text import text_blocks
+from tests.tiny import FAMILIES as ALL_FAMILIES, MERGEABLE
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = list(MERGEABLE)
 
 
 def layer_output(model, layer, hidden):
@@ -80,3 +82,34 @@ def test_merger_caches_fused_layers_and_leaves_dense_layers_untouched(dense):
     assert merger(Block(1, (2, 3))) is not first
     assert all(torch.equal(p, originals[name]) for name, p in model.named_parameters())
     assert first not in layers and not any(p.requires_grad for p in first.parameters())
+
+
+def scorer(folder, text_file):
+    return ModelEvaluator(EvaluatorConfig(model=str(folder), data=str(text_file), seq_len=32, score_tokens=128,
+                                          align_tokens=64, batch_size=2, repair_tokens=256))
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_aligned_layer_is_checked_and_a_family_the_merge_misreads_is_refused(family, tiny_models, text_file):
+    evaluator = scorer(tiny_models[family], text_file)
+    merging = [1, 2, 1, 0, 1, 2]
+    if family in MERGEABLE:
+        evaluator.evaluate([merging])
+        changes = evaluator.merger.changes
+        assert set(changes) == {(0, 1), (4, 5)}
+        assert max(changes.values()) < 1e-5 < ALIGNMENT_TOLERANCE  # measured: about 3e-7 on each family
+    else:  # Gemma: norms scale by 1 + w and wrap each sub-layer, so the Llama folding changes the layer
+        with pytest.raises(MergeError, match=rf"not supported for {type(evaluator.model).__name__}: aligning "
+                                             r"layer 1 to layer 0 changed .*pass --no-merge"):
+            evaluator.evaluate([merging])
+        assert evaluator.merger.changes == {}  # nothing wrong was ever kept
+        assert evaluator.evaluate([[1, 0, 1, 1, 0, 1]])[0].nll < 20  # skip/keep still works
+
+
+def test_a_layer_without_the_expected_projections_is_refused_by_name(llama_dir, text_file):
+    merger = scorer(llama_dir, text_file).merger
+    for layer in merger.layers[:2]:  # named as in a model with a fused gate_up_proj
+        layer.mlp.gate_up_proj = layer.mlp.gate_proj
+        del layer.mlp.gate_proj
+    with pytest.raises(MergeError, match=r"LlamaForCausalLM: its layers have no 'mlp.gate_proj.weight'.*--no-merge"):
+        merger(Block(0, (1,)))

@@ -163,7 +163,7 @@ def test_a_model_that_computes_nan_gets_the_worst_fitness_and_the_search_goes_on
     broken, healthy = evaluator.evaluate([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0]])
     assert broken.nll == WORST_LOSS and math.isfinite(broken.perplexity)
     assert math.isfinite(healthy.nll) and healthy.nll < WORST_LOSS
-    search = SearchConfig(pop=6, gens=2, remove=2, init="random", seed=1, merge=False)
+    search = SearchConfig(pop=6, gens=2, remove=2, init="random", seed=1, merge=False, screen_tokens=0)
     state = evolve(evaluator, search, RunFolder(tmp_path / "run"), progress=False)  # checkpoints are valid JSON
     assert state.best()[1].nll < WORST_LOSS
     resumed = evolve(evaluator, SearchConfig(**{**search.to_dict(), "gens": 3}), RunFolder(tmp_path / "run"),

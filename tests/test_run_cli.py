@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-SETTINGS = ["--pop", "8", "--seq-len", "32", "--score-tokens", "1024", "--align-tokens", "64",
+SETTINGS = ["--pop", "8", "--seq-len", "32", "--score-tokens", "1024", "--screen-tokens", "256", "--align-tokens", "64",
             "--repair-tokens", "256", "--batch-size", "8", "--workers", "local", "--no-progress"]
 LONG = ["--patience", "0"]  # runs that must still be going when a signal arrives
 
@@ -98,7 +98,8 @@ def test_resume_with_other_settings_or_into_a_finished_run_is_refused_and_loses_
     (["--remove", "2", "--remove", "6"], "cannot remove 6 of 6 layers"),
     (["--model", "/no/such/model"], "neither a known id"),
     (["--data", "nonsense"], "unknown text 'nonsense'"),
-    (["--elite", "8"], "elite must lie in 0..pop-1"),
+    (["--offspring", "0"], "offspring must be a positive integer"),
+    (["--screen-tokens", "16"], "--screen-tokens 16 must be at least one window (32 tokens)"),
     (["--repair", "magic"], "repair must be one of none, lsq"),
     (["--fitness", "bleu"], "fitness must be one of ppl, kl"),
     (["--patience", "-1"], "patience must not be negative"),
@@ -117,7 +118,7 @@ def test_bad_options_fail_with_a_message_naming_the_problem(llama_dir, text_file
 def test_help_documents_the_options():
     text = subprocess.run([sys.executable, "-m", "ga.run", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--model", "--data", "--seq-len", "--calib-steps", "--calib-batch", "--remove", "--ratio",
-                   "--seed", "--workers", "--ray-address", "--out", "--resume", "--pop", "--gens", "--repair",
+                   "--seed", "--workers", "--ray-address", "--out", "--resume", "--pop", "--offspring", "--gens", "--repair",
                    "--repair-tokens", "--repair-inputs", "--repair-ridge", "--fitness", "--patience"):
         assert option in text, option
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+    MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 COMMON = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -24,7 +25,12 @@ FAMILIES = {
     # Qwen2 with sliding-window attention on its upper layers: layer_types is mixed.
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+    # Norms that scale by 1 + w and sit around each sub-layer (four per layer), sliding and
+    # global layers, eager attention only (Gemma 2): skip/keep and repair work, merging is refused.
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 16}),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 16}),
 }
+MERGEABLE = ("llama", "mistral", "qwen2", "qwen3")
 
 NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
 VERBS = "sees chases likes finds follows hears meets helps".split()
