@@ -35,6 +35,8 @@ from evaluators.surgery import LayerStack, layer_view
 
 REPAIRS: tuple[str, ...] = ("none", "lsq")
 REPAIR_INPUTS: tuple[str, ...] = ("pruned", "dense")
+PROBE_TOKENS = 32  # tokens the layout check runs on
+
 # Memory for cached fits (each a new down_proj, and with pruned inputs the repaired block's output
 # on the repair tokens): an 8B model's down_proj alone is 117 MB in bf16, so count bytes, not fits.
 CACHE_BYTES = 2 * 1024**3
@@ -95,6 +97,39 @@ def with_output_map(layer: nn.Module, transform: torch.Tensor) -> nn.Module:
     return repaired
 
 
+@torch.no_grad()
+def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: torch.Tensor) -> None:
+    """Refuse a family whose layer does not add its MLP output to the residual stream as it is.
+
+    The fit assumes layer output = (everything else) + MLP output, so that a map on the MLP
+    output moves the layer output by exactly as much. A norm after the MLP (Gemma's
+    post-feedforward norm) breaks that, and a map folded into down_proj would not do what was
+    fitted. Doubling the MLP output must move the layer output by one MLP output: checked once,
+    on a few tokens.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def run(scale: float) -> torch.Tensor:
+        hooks = [layer.mlp.register_forward_hook(lambda _m, _a, out: captured.__setitem__("mlp", out) or out * scale),
+                 layer.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out))]
+        try:
+            model.model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        output = captured["out"]
+        return (output[0] if isinstance(output, tuple) else output).float()
+
+    moved = run(2.0) - run(1.0)
+    mlp = captured["mlp"].float()
+    error = float((moved - mlp).norm() / mlp.norm().clamp_min(1e-12))
+    if not error < 1e-3:
+        raise RepairError(f"seam repair is not supported for {type(model).__name__}: its layers do not add the MLP "
+                          f"output to the residual stream as it is (a norm after the MLP?; doubling it moved the "
+                          f"layer output {error:.2f} away from one MLP output), so a map folded into down_proj "
+                          "would not do what was fitted; use --repair none")
+
+
 class NormalEquations:
     """Running X^T X and X^T Y in fp64 for the ridge problem min ||X T - Y||^2 + ridge ||T - I||^2."""
 
@@ -126,6 +161,7 @@ class SeamRepairer:
             raise RepairError(f"ridge must not be negative, got {ridge}")
         for layer in dense_layers:
             mlp_output_projection(layer)  # refuse an unsupported layout before any work
+        check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS])
         self.model = model
         self.dense_layers = list(dense_layers)
         self.blocks = blocks

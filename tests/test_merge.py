@@ -86,7 +86,7 @@ def test_merger_caches_fused_layers_and_leaves_dense_layers_untouched(dense):
 
 def scorer(folder, text_file):
     return ModelEvaluator(EvaluatorConfig(model=str(folder), data=str(text_file), seq_len=32, score_tokens=128,
-                                          align_tokens=64, batch_size=2, repair_tokens=256))
+                                          align_tokens=64, batch_size=2, repair_tokens=256, repair="none"))
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

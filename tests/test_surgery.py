@@ -10,10 +10,10 @@ from tests.tiny import FAMILIES, MERGEABLE
 
 SKIP_ONLY = [1, 0, 1, 1, 0, 1]
 WITH_MERGE = [1, 2, 1, 0, 1, 2]
-# Every family skips; merging is checked where the merge supports the family (elsewhere it is
-# refused: tests/test_merge.py).
-CUTS = [(family, genes) for family in FAMILIES for genes in (SKIP_ONLY, WITH_MERGE)
-        if family in MERGEABLE or genes == SKIP_ONLY]
+# Every family skips; merging and repair are checked where they support the family (elsewhere
+# they are refused: tests/test_merge.py, tests/test_repair.py).
+CUTS = [(family, genes, repair) for family in FAMILIES for genes in (SKIP_ONLY, WITH_MERGE) for repair in ("none", "lsq")
+        if family in MERGEABLE or (genes == SKIP_ONLY and repair == "none")]
 
 
 def logits(model, ids):
@@ -49,8 +49,8 @@ def test_view_changes_output_and_restores_the_model_exactly(family, tiny_models)
     assert list(model.model.layers) == layers
 
 
-@pytest.mark.parametrize("family, genes", CUTS, ids=[f"{f}-{'merge' if 2 in g else 'skip'}" for f, g in CUTS])
-@pytest.mark.parametrize("repair", ["none", "lsq"])
+@pytest.mark.parametrize("family, genes, repair", CUTS,
+                         ids=[f"{f}-{'merge' if 2 in g else 'skip'}-{r}" for f, g, r in CUTS])
 def test_view_and_compact_model_agree_and_export_reloads_identically(family, genes, repair, tiny_models, text_file,
                                                                      tmp_path):
     scorer = evaluator(tiny_models[family], text_file, repair)
@@ -71,8 +71,9 @@ def test_view_and_compact_model_agree_and_export_reloads_identically(family, gen
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_with_kv_cache_matches_generation_without(family, tiny_models, text_file):
-    scorer = evaluator(tiny_models[family], text_file)
-    compact = scorer.compact(WITH_MERGE if family in MERGEABLE else SKIP_ONLY)
+    supported = family in MERGEABLE
+    scorer = evaluator(tiny_models[family], text_file, "lsq" if supported else "none")
+    compact = scorer.compact(WITH_MERGE if supported else SKIP_ONLY)
     prompt = ids(seed=1, length=12)
     settings = dict(max_new_tokens=30, do_sample=False, pad_token_id=2)  # 42 tokens: past the sliding window
     cached = compact.generate(prompt, use_cache=True, **settings)

@@ -26,11 +26,12 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
     # Norms that scale by 1 + w and sit around each sub-layer (four per layer), sliding and
-    # global layers, eager attention only (Gemma 2): skip/keep and repair work, merging is refused.
+    # global layers, eager attention only (Gemma 2): skip/keep work; merging and seam repair,
+    # which assume Llama's layout, are refused.
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 16}),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 16}),
 }
-MERGEABLE = ("llama", "mistral", "qwen2", "qwen3")
+MERGEABLE = ("llama", "mistral", "qwen2", "qwen3")  # also the families seam repair supports
 
 NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
 VERBS = "sees chases likes finds follows hears meets helps".split()
