@@ -16,7 +16,9 @@ from chromosomes import ChromosomeError, blocks, validate
 from evaluators.calibration import calibrated_norms
 from evaluators.cli import Settings
 from evaluators.importance import block_influence
-from evaluators.merge import PROBE_TOKENS, MERGE_RULES, Geometry, LayerMerger, collect_activations, record_layer_inputs
+from evaluators.merge import (
+    MERGE_RULES, PROBE_TOKENS, Geometry, LayerMerger, collect_activations, record_layer_inputs, require_mergeable,
+)
 from evaluators.models import DEFAULT_MODEL, decoder_layers, load_model
 from evaluators.perplexity import PrefixScorer, perplexity
 from evaluators.repair import REPAIR_INPUTS, REPAIRS, SeamRepairer
@@ -195,6 +197,7 @@ class ModelEvaluator:
     def merger(self) -> LayerMerger:
         """Built on first use: alignment needs one dense forward pass that skip-only runs never pay."""
         if self._merger is None:
+            require_mergeable(self.dense_layers[0], type(self.model).__name__)
             activations = None
             align_blocks = self.split.tune[: self.config.align_blocks]
             if self.config.align:

@@ -132,6 +132,20 @@ def collect_activations(model: nn.Module, layers: Sequence[nn.Module], blocks: t
     return [LayerActivations(torch.cat(m), torch.cat(h)) for m, h in zip(mlp, heads)]
 
 
+def require_mergeable(layer: nn.Module, model_name: str) -> None:
+    """Refuse, before any work, a layer without the norms and projections merging rewrites."""
+    try:
+        folded_params(layer)
+        layer.mlp.down_proj, layer.self_attn.o_proj
+    except (KeyError, AttributeError) as missing:
+        raise layout_error(model_name, missing) from None
+
+
+def layout_error(model_name: str, missing: Exception) -> MergeError:
+    return MergeError(f"merging is not supported for {model_name}: its layers have no {missing.args[0]!r} "
+                      "(fused projections, or a mixture of experts?); pass --no-merge to search skip/keep only")
+
+
 @torch.no_grad()
 def record_layer_inputs(model: nn.Module, layers: Sequence[nn.Module], ids: torch.Tensor) -> list[LayerInput]:
     """Every dense layer's call on `ids` [1, tokens]: the probes that check an aligned layer."""
@@ -322,7 +336,7 @@ class LayerMerger:
         try:
             params = apply_alignment(self._folded(other), self.alignment(anchor, other), self.geometry)
         except KeyError as missing:
-            raise self._layout_error(missing) from None
+            raise layout_error(self.model_name, missing) from None
         if self.probes is not None and (anchor, other) not in self.changes:
             change = function_change(self.layers[other], params, self.probes[other])
             if not change < ALIGNMENT_TOLERANCE:
@@ -338,8 +352,4 @@ class LayerMerger:
         try:
             return folded_params(self.layers[index])
         except KeyError as missing:
-            raise self._layout_error(missing) from None
-
-    def _layout_error(self, missing: KeyError) -> MergeError:
-        return MergeError(f"merging is not supported for {self.model_name}: its layers have no {missing} (fused "
-                          "projections, or a mixture of experts?); pass --no-merge to search skip/keep only")
+            raise layout_error(self.model_name, missing) from None

