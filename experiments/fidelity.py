@@ -3,11 +3,12 @@
 A search picks the chromosome with the lowest fitness among thousands, so whatever noise the
 scoring text has is selected for: the winner on a few calibration tokens need not be the
 winner on held-out text. This takes the best chromosomes GA runs found, scores each on the
-first 1, 2, 4, ... windows of the calibration text, measures them on held-out WikiText-2 and
-PTB, and reports, per fidelity, the rank correlation with held-out perplexity and the held-out
+first 1, 2, 4, ... windows of the calibration text (repaired as the runs were), measures them
+on the dev texts (WikiText-2's dev half and PTB validation: choosing a default is what dev text
+is for), and reports, per fidelity, the rank correlation with dev perplexity and the dev
 perplexity of the chromosome that fidelity would have picked.
 
-    python -m experiments.fidelity --runs runs/search_quality/ga-r8-skip-s0,runs/search_quality/ga-r8-merge-s0
+    python -m experiments.fidelity --runs runs/search_quality-repaired/ga-r8-importance-merge-s0,...
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from chromosomes import from_string
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.perplexity import nll_of_hidden
 from evaluators.surgery import layer_view
-from evaluators.text import REPORT_TEXTS, text_blocks
+from evaluators.text import DEV_TEXTS, text_blocks
 from experiments.report import save_results
 
 
@@ -74,12 +75,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = [Path(p) for p in args.runs.split(",")]
     definition = json.loads((runs[0] / "checkpoint.json").read_text())["definition"]
     seq_len = args.seq_len or definition["seq_len"]
+    repair = definition.get("repair") or {"method": "none"}  # runs older than seam repair scored raw cuts
+    settings = {} if repair["method"] == "none" else {"repair_tokens": repair["tokens"], "repair_ridge": repair["ridge"],
+                                                       "repair_inputs": repair["inputs"]}
     config = EvaluatorConfig(model=definition["model"], data=definition["data"], data_dir=args.data_dir,
-                             seq_len=seq_len, score_tokens=args.windows * seq_len,
-                             threads=args.threads, repair="none")  # the ranked runs scored raw cuts
+                             seq_len=seq_len, score_tokens=args.windows * seq_len, threads=args.threads,
+                             repair=repair["method"], **settings)
     evaluator = ModelEvaluator(config)
     texts = {name: text_blocks(name, evaluator.tokenizer, args.eval_seq_len, args.eval_tokens, args.data_dir)
-             for name in REPORT_TEXTS}
+             for name in DEV_TEXTS}
     keys = candidates(runs, args.top, [k for k in args.extra.split(",") if k])
     measured = []
     for key in tqdm(keys, desc="chromosomes", unit="chromosome"):
@@ -94,17 +98,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         pick = measured[int(np.argmin(fitness))]
         row = {"tokens": windows * (config.seq_len - 1), "windows": windows, "chromosomes": len(measured),
                "picked": pick["chromosome"]}
-        for name in REPORT_TEXTS:
+        for name in DEV_TEXTS:
             row[f"spearman {name}"] = spearman(fitness, [m[name] for m in measured])
             row[f"picked {name}"] = pick[name]
         rows.append(row)
-    best = {name: min(m[name] for m in measured) for name in REPORT_TEXTS}
-    columns = ["tokens", "chromosomes", *[f"spearman {n}" for n in REPORT_TEXTS], *[f"picked {n}" for n in REPORT_TEXTS], "picked"]
+    best = {name: min(m[name] for m in measured) for name in DEV_TEXTS}
+    columns = ["tokens", "chromosomes", *[f"spearman {n}" for n in DEV_TEXTS], *[f"picked {n}" for n in DEV_TEXTS], "picked"]
     save_results(args.output, {"runs": [str(r) for r in runs], "evaluator": config.to_dict(), "rows": rows,
                                "best_heldout_among_candidates": best, "measured": measured}, rows, columns)
     for row in rows:
         print(f"{row['tokens']:6d} tokens  " + "  ".join(f"rho {n} {row[f'spearman {n}']:.2f} picked {row[f'picked {n}']:.2f}"
-                                                      for n in REPORT_TEXTS))
+                                                      for n in DEV_TEXTS))
     print("best held-out among candidates: " + ", ".join(f"{n} {v:.2f}" for n, v in best.items()))
 
 

@@ -5,7 +5,8 @@ and/or the RMSNorm weights on the calibration text, and measures held-out perple
 and after. The output folder (default: healed-<plan> beside the chromosome file) holds:
 
   the merged model    a standard Hugging Face folder with the tokenizer (from_pretrained, generate)
-  adapter/            the peft adapter alone, trained norm weights included (not with --steps 0)
+  adapter/            the peft adapter alone, trained norm weights included (not with --steps 0
+                      or --plan tail, which trains the model's own weights)
   chromosome.json     the chromosome: with adapter/ it rebuilds the model
   report.json         perplexity before and after, every setting, parameter counts, timing, and
                       size and prefill/decode speed against the dense model (--efficiency)
@@ -84,8 +85,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
     if report["efficiency"] is not None:
         lines.append("compact against dense, measured side by side:")
         lines += efficiency_lines(report["efficiency"])
-    contents = "model, chromosome.json, report.json, tb/" if report["after"] is None else \
-        "merged model, adapter/, chromosome.json, report.json, tb/"
+    contents = "model, chromosome.json, report.json, tb/" if report["after"] is None or \
+        report["config"]["plan"] == "tail" else "merged model, adapter/, chromosome.json, report.json, tb/"
     lines.append(f"wrote {out}: {contents}")
     return "\n".join(lines)
 

@@ -14,11 +14,13 @@ from evaluators.repair import REPAIRS
 from evaluators.text import CALIBRATION_TEXT, REPORT_TEXTS
 
 # Which linear layers of each decoder layer carry LoRA in each plan; every plan also trains the
-# RMSNorm weights (each layer's input and post-attention norms, and the final norm).
+# RMSNorm weights (each layer's input and post-attention norms, and the final norm). `tail`
+# carries no adapter: it trains lm_head and the last --tail-layers decoder layers in full.
 PLANS: dict[str, tuple[str, ...]] = {
     "norm": (),
     "qv": ("q_proj", "v_proj"),
     "wide": ("q_proj", "v_proj", "o_proj", "gate_proj"),
+    "tail": (),
 }
 
 # Settings that change how a run is carried out or logged but not what it computes:
@@ -34,7 +36,12 @@ class HealConfig(Settings):
 
     plan: str = field(default="qv", metadata={"help": "what is trained: norm (RMSNorm weights only), qv (LoRA on "
                                                       "q_proj, v_proj + norms), wide (LoRA on q_proj, v_proj, "
-                                                      "o_proj, gate_proj + norms)"})
+                                                      "o_proj, gate_proj + norms), tail (lm_head and the last "
+                                                      "--tail-layers decoder layers in full + norms, as Lu et al. "
+                                                      "heal depth-pruned models; a head tied to the input "
+                                                      "embeddings is trained as the one matrix it is)"})
+    tail_layers: int = field(default=3, metadata={"help": "with --plan tail: decoder layers trained in full, counted "
+                                                          "from the last"})
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -83,7 +90,7 @@ class HealConfig(Settings):
     def __post_init__(self) -> None:
         if self.plan not in PLANS:
             raise ValueError(f"plan must be one of {', '.join(PLANS)}, got {self.plan!r}")
-        for name in ("rank", "alpha", "batch_size", "grad_accum", "eval_tokens"):
+        for name in ("rank", "alpha", "batch_size", "grad_accum", "eval_tokens", "tail_layers"):
             _require_int(self, name, minimum=1)
         for name in ("steps", "warmup", "eval_every", "checkpoint_every", "seed", "tasks_limit"):
             _require_int(self, name, minimum=0)

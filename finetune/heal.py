@@ -85,6 +85,9 @@ def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace
     """Check every input and read the texts; raises with a message that names the problem."""
     record, spec = load_chromosome(chromosome, config.model)
     check_windows(config, spec)
+    compact_depth = record.num_layers - record.removed
+    if config.plan == "tail" and config.tail_layers > compact_depth:
+        raise ValueError(f"tail_layers ({config.tail_layers}) exceeds the {compact_depth} layers of the compact model")
     searched = surgery_settings(record, spec, config)  # unknown settings fail now
     if needs_calibration_text(record, searched):  # ... and so does a missing calibration text
         load_text(searched.data, searched.data_dir)
@@ -134,20 +137,22 @@ def save_adapter(model: PeftModel, folder: Path, base: str) -> None:
     model.save_pretrained(folder, save_embedding_layers=False)  # embeddings are never trained
 
 
-def merged_model(model: PeftModel, dtype: torch.dtype) -> PreTrainedModel:
+def merged_model(model: PeftModel | PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """The adapter folded into the weights: a plain model of the compact architecture, in `dtype`."""
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
     merged.to(dtype)  # the norms were trained in fp32
     merged.eval().requires_grad_(False)
     return merged
 
 
-def parameter_counts(adapted: PeftModel, compact_model: int) -> dict[str, int]:
-    """Sizes of the compact model and of what is trained (LoRA matrices, norm weights)."""
+def parameter_counts(adapted: PeftModel | PreTrainedModel, compact_model: int) -> dict[str, int]:
+    """Sizes of the compact model and of what is trained (LoRA matrices, norm weights, weights
+    trained in full)."""
     trained = trainable_parameters(adapted)
     lora = sum(p.numel() for name, p in trained.items() if "lora_" in name)
+    norm = sum(p.numel() for name, p in trained.items() if "lora_" not in name and "norm" in name)
     total = sum(p.numel() for p in trained.values())
-    return {"compact_model": compact_model, "trained": total, "lora": lora, "norm": total - lora}
+    return {"compact_model": compact_model, "trained": total, "lora": lora, "norm": norm, "full": total - lora - norm}
 
 
 def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
@@ -182,14 +187,16 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
         counts = parameter_counts(adapted, compact_size)
         state = train(adapted, p.train_blocks, p.eval_blocks, config, p.dtype, p.folder, board, p.state,
                       p.resume_from, progress)
-        save_adapter(adapted, p.folder.staging / "adapter", f"gaprune-compact:{to_string(p.record.genes)}:{p.spec}")
+        if isinstance(adapted, PeftModel):
+            save_adapter(adapted, p.folder.staging / "adapter",
+                         f"gaprune-compact:{to_string(p.record.genes)}:{p.spec}")
         final = merged_model(adapted, p.dtype)
         after = measure(final, p.eval_blocks, config.batch_size, p.dtype, progress)
         log_measurements(board, after, config.steps)
         zero_shot_after = measure_tasks(p, final, progress)
     else:
         final, state, after, zero_shot_after = model, p.state, None, None
-        counts = {"compact_model": compact_size, "trained": 0, "lora": 0, "norm": 0}
+        counts = {"compact_model": compact_size, "trained": 0, "lora": 0, "norm": 0, "full": 0}
 
     # -- export: model, measurements, report --------------------------------------------------
     say("saving the model", progress)

@@ -1,4 +1,5 @@
-"""The compact model a chromosome describes, and the peft adapter that heals it.
+"""The compact model a chromosome describes, and what heals it: a peft adapter, or (plan tail)
+the model's own last layers and head.
 
 The compact model is cut by the evaluators' own surgery, with the merge and seam-repair
 settings the search used, so the model trained here is the very model the GA scored.
@@ -109,13 +110,16 @@ def adapter_config(config: HealConfig, norms: list[str]) -> PeftConfig:
     return LNTuningConfig(target_modules=norms, task_type="CAUSAL_LM")
 
 
-def attach_adapter(model: PreTrainedModel, config: HealConfig) -> PeftModel:
-    """Wrap the compact model in its adapter; trained weights are fp32 whatever the compute dtype.
+def attach_adapter(model: PreTrainedModel, config: HealConfig) -> PeftModel | PreTrainedModel:
+    """Wrap the compact model in its adapter (plan tail: mark its own tail trainable); trained
+    weights are fp32 whatever the compute dtype.
 
     The seed fixes the LoRA initialisation, so a resumed run rebuilds the same starting point.
     """
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if config.plan == "tail":
+        return train_tail(model, config)
     torch.manual_seed(config.seed)
     with warnings.catch_warnings():
         # LN tuning warns about every norm it wraps because a norm has no in/out features.
@@ -128,6 +132,30 @@ def attach_adapter(model: PreTrainedModel, config: HealConfig) -> PeftModel:
     return peft_model
 
 
-def trainable_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+def train_tail(model: PreTrainedModel, config: HealConfig) -> PreTrainedModel:
+    """lm_head, the last `tail_layers` decoder layers and every RMSNorm trained in full, in place.
+
+    No adapter: full training of a few layers is what "Reassessing layer pruning" (Lu et al.)
+    found to heal depth-pruned models best. A head that shares its weight with the input
+    embeddings stays shared, so the export keeps the tied layout and its size.
+    """
+    layers = decoder_layers(model)
+    model.requires_grad_(False)
+    trained = [model.get_output_embeddings(), *layers[max(0, len(layers) - config.tail_layers):]]
+    trained += [module for name, module in model.named_modules() if _is_rms_norm(module)
+                and (config.train_qk_norm or not name.endswith(("q_norm", "k_norm")))]
+    for module in trained:
+        module.requires_grad_(True)
+    for parameter in trainable_parameters(model).values():
+        parameter.data = parameter.data.float()  # fp32 master weights (bf16 cannot hold small updates)
+    return model
+
+
+def causal_lm(model: PeftModel | PreTrainedModel) -> PreTrainedModel:
+    """The causal LM being trained: inside its adapter, or itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def trainable_parameters(model: PeftModel | PreTrainedModel) -> dict[str, torch.nn.Parameter]:
     """The trained parameters by name, in a fixed order (the optimizer and checkpoint rely on it)."""
     return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}

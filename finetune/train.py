@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from evaluators.perplexity import nll_of_hidden, perplexity, predicted_tokens
 from finetune.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from finetune.config import HealConfig
-from finetune.model import trainable_parameters
+from finetune.model import causal_lm, trainable_parameters
 from finetune.output import OutputFolder
 
 Measurements = dict[str, dict[str, float]]  # text name -> perplexity, nll, tokens
@@ -104,7 +104,7 @@ def lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     return nll_of_hidden(model, hidden, ids) / predicted_tokens(ids)
 
 
-def train(model: PeftModel, train_blocks: torch.Tensor, eval_blocks: dict[str, torch.Tensor], config: HealConfig,
+def train(model: PeftModel | PreTrainedModel, train_blocks: torch.Tensor, eval_blocks: dict[str, torch.Tensor], config: HealConfig,
           dtype: torch.dtype, folder: OutputFolder, board: SummaryWriter, state: TrainState,
           resume_from: Path | None = None, progress: bool = True) -> TrainState:
     """Train the adapter for the configured steps, from `state.step` on, and return the final state.
@@ -114,7 +114,7 @@ def train(model: PeftModel, train_blocks: torch.Tensor, eval_blocks: dict[str, t
     """
     # -- optimizer and schedule -------------------------------------------------------------
     parameters = trainable_parameters(model)
-    decoder = model.get_base_model()  # the causal LM with the adapter layers inside it
+    decoder = causal_lm(model)  # the causal LM, with the adapter layers (if any) inside it
     device = next(decoder.parameters()).device
     # no weight decay: it would pull the norm weights towards zero, not towards their trained values
     optimizer = torch.optim.AdamW(parameters.values(), lr=config.lr, weight_decay=0.0)

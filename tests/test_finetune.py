@@ -118,10 +118,11 @@ def test_adapter_on_the_rebuilt_compact_model_reproduces_the_export(healed):
     assert torch.equal(logits(rebuilt, PROMPT), logits(exported, PROMPT))
 
 
+@pytest.mark.parametrize("plan", ["qv", "tail"])
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(
-        llama_dir, text_file, held_out, tmp_path, monkeypatch, capsys):
+        llama_dir, text_file, held_out, tmp_path, monkeypatch, capsys, plan):
     best = chromosome(tmp_path, WITH_MERGE, llama_dir, text_file)
-    settings = ("--steps", "6", "--checkpoint-every", "2", "--dropout", "0.2")
+    settings = ("--steps", "6", "--checkpoint-every", "2", "--dropout", "0.2", "--plan", plan)
     assert main(options(best, tmp_path / "whole", text_file, held_out, *settings)) == 0
 
     save = finetune.train.save_checkpoint
@@ -175,6 +176,37 @@ def test_each_plan_trains_its_parameters_and_nothing_else(family, plan, qk_norm,
     assert all(p.dtype == torch.float32 for p in names.values())
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_tail_plan_trains_the_head_and_last_layers_in_full_and_nothing_else(tied, tmp_path, text_file, held_out):
+    from tests.tiny import build_model
+    folder = tmp_path / "model"
+    model = build_model("llama", folder)
+    if tied:  # SmolLM2's layout: lm_head is the input embedding matrix
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        model.save_pretrained(folder)
+    best = chromosome(tmp_path, SKIP_ONLY, folder, text_file)
+    assert main(options(best, tmp_path / "tail", text_file, held_out, "--plan", "tail", "--tail-layers", "2",
+                        "--steps", "3", "--repair", "none")) == 0
+    base, _ = load_model(str(folder))
+    before = compact_model(base, SKIP_ONLY).state_dict()
+    after = load_file(tmp_path / "tail" / "model.safetensors")
+    changed = {key for key in after if not torch.equal(after[key], before[key])}
+    in_tail = {key for key in after if key.startswith(("model.layers.2.", "model.layers.3."))}
+    norms = {key for key in after if key.endswith("norm.weight")}
+    head = {"model.embed_tokens.weight"} if tied else {"lm_head.weight"}
+    assert changed == in_tail | norms | head  # 4 compact layers: the last 2 in full, every norm, the head
+    assert ("lm_head.weight" in after) == (not tied)  # a tied head stays tied: the export keeps its size
+    assert not (tmp_path / "tail" / "adapter").exists()
+    report = json.loads((tmp_path / "tail" / "report.json").read_text())
+    counts = report["parameters"]
+    assert counts["lora"] == 0 and counts["full"] > 0 and counts["trained"] == counts["norm"] + counts["full"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tail", dtype=torch.float32).eval()
+    blocks = text_blocks(str(held_out), AutoTokenizer.from_pretrained(tmp_path / "tail"), 64, 1024)
+    assert measure(reloaded, {"held": blocks}, 4, torch.float32)["held"]["perplexity"] == \
+        pytest.approx(report["after"][str(held_out)]["perplexity"], rel=1e-5)
+
+
 def test_a_norm_run_changes_norm_weights_only(llama_dir, text_file, held_out, tmp_path):
     best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
     assert main(options(best, tmp_path / "norm", text_file, held_out, "--plan", "norm", "--steps", "3",
@@ -221,7 +253,8 @@ BAD_INPUTS = [  # extra options (or another chromosome), words the error must co
     ({"chromosome": "missing.json"}, "cannot read chromosome file"),
     ({"chromosome": "bad.json"}, "not valid JSON"),
     ({"chromosome": "deep.json"}, "made for a model with 8 decoder layers, but"),
-    ((["--plan", "everything"]), "plan must be one of norm, qv, wide"),
+    ((["--plan", "everything"]), "plan must be one of norm, qv, wide, tail"),
+    ((["--plan", "tail", "--tail-layers", "5"]), "tail_layers (5) exceeds the 4 layers of the compact model"),
     ((["--steps", "-1"]), "steps must be an integer of at least 0"),
     ((["--repair", "magic"]), "repair must be one of none, lsq"),
     ((["--lr", "-1"]), "lr must be a positive finite number"),
