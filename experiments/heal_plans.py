@@ -1,9 +1,12 @@
-"""Heal one chromosome with each plan (norm, qv, wide) and tabulate held-out perplexity before and after.
+"""Heal one chromosome with each plan (norm, qv, wide, tail), from the raw and from the repaired
+cut, and tabulate dev perplexity before and after.
 
     python -m experiments.heal_plans --chromosome runs/<name>/best.json --data-dir ../shared/data
 
-Every plan runs `finetune.heal` with the same settings (only the plan differs), on CPU unless
---device says otherwise. The defaults are sized for SmolLM2-135M (22 layers left) on 2 CPU cores:
+Every run calls `finetune.heal` with the same settings (only the plan and the seam repair
+differ), so the table shows what repair buys before and after training at equal steps. Held-out
+text is the dev texts by default (choosing a plan is what dev text is for). Runs are on CPU
+unless --device says otherwise. The defaults are sized for SmolLM2-135M (22 layers left) on 2 CPU cores:
 40 steps of 4 x 512 tokens at a peak learning rate of 1e-3 (a short schedule wants a higher peak
 than the CLI's 200-step default), and 8,192 tokens of each held-out text (WikiText-2 and PTB test)
 before and after. A step took 36 s with the cores shared, so expect 15 (idle cores) to 30 minutes
@@ -27,6 +30,8 @@ from finetune.checkpoint import CheckpointError
 from finetune.config import PLANS, HealConfig
 from finetune.heal import prepare, run
 from finetune.output import OutputError
+from evaluators.repair import REPAIRS
+from evaluators.text import DEV_TEXTS
 
 INPUT_ERRORS = (ValueError, ModelLoadError, OutputError, CheckpointError)
 
@@ -36,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chromosome", required=True, metavar="BEST_JSON", help="chromosome file from the GA")
     parser.add_argument("--plans", default=",".join(PLANS), help="plans to compare, comma-separated (default: all)")
+    parser.add_argument("--repairs", default=",".join(REPAIRS), help="seam repairs of the starting point, "
+                        "comma-separated (default: none,lsq)")
+    parser.add_argument("--eval-texts", default=",".join(DEV_TEXTS), help="held-out texts (default: the dev texts)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per plan (default: 40)")
     parser.add_argument("--warmup", type=int, default=4, help="warm-up steps (default: 4)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
@@ -53,15 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_configs(args: argparse.Namespace) -> list[HealConfig]:
-    """One healing configuration per plan, identical apart from the plan (validated before any run)."""
+    """One healing configuration per repair and plan, identical apart from those (validated before any run)."""
     settings = dict(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                    lr=args.lr, eval_tokens=args.eval_tokens, device=args.device, data_dir=args.data_dir,
-                    seed=args.seed, checkpoint_every=0)
-    return [HealConfig(plan=plan.strip(), **settings) for plan in args.plans.split(",")]
+                    lr=args.lr, eval_tokens=args.eval_tokens, eval_texts=args.eval_texts, device=args.device,
+                    data_dir=args.data_dir, seed=args.seed, checkpoint_every=0)
+    return [HealConfig(plan=plan.strip(), repair=repair.strip(), **settings)
+            for repair in args.repairs.split(",") for plan in args.plans.split(",")]
 
 
 def table_row(report: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
-    row = {"plan": report["config"]["plan"], "trained parameters": report["parameters"]["trained"],
+    row = {"repair": report["surgery_settings"]["repair"], "plan": report["config"]["plan"],
+           "trained parameters": report["parameters"]["trained"],
            "steps": report["training"]["steps"], "tokens": report["training"]["tokens"]}
     for name, after in report["after"].items():
         row[f"{name} before"] = report["before"][name]["perplexity"]
@@ -77,11 +87,13 @@ def heal_each_plan(chromosome: str, configs: Sequence[HealConfig], models: Path,
     rows, reports = [], []
     for config in configs:
         started = time.perf_counter()
-        report = run(prepare(chromosome, config, models / f"healed-{config.plan}", replace=True), progress)
+        folder = models / f"healed-{config.repair}-{config.plan}"
+        report = run(prepare(chromosome, config, folder, replace=True), progress)
         rows.append(table_row(report, time.perf_counter() - started))
         reports.append(report)
-        print(f"{config.plan}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in rows[-1].items() if k != "plan"), flush=True)
+        print(f"{config.repair} {config.plan}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                             for k, v in rows[-1].items() if k not in ("plan", "repair")),
+              flush=True)
     return rows, reports
 
 
