@@ -99,8 +99,10 @@ def test_every_aligned_layer_is_checked_and_a_family_the_merge_misreads_is_refus
         assert set(changes) == {(0, 1), (4, 5)}
         assert max(changes.values()) < 1e-5 < ALIGNMENT_TOLERANCE  # measured: about 3e-7 on each family
     else:  # Gemma: norms scale by 1 + w and wrap each sub-layer, so the Llama folding changes the layer;
-        # Mixtral: no single MLP to permute
-        reason = "its layers have no 'mlp.gate_proj.weight'" if family == "mixtral" else \
+        # Mixtral: no single MLP to permute; Phi-3: fused projections; OLMo 2: no input norm
+        missing = {"mixtral": "mlp.gate_proj.weight", "phi3": "self_attn.q_proj.weight",
+                   "olmo2": "input_layernorm.weight"}
+        reason = f"its layers have no '{missing[family]}'" if family in missing else \
             "aligning layer 1 to layer 0 changed layer 1's own function"
         with pytest.raises(MergeError, match=rf"not supported for {type(evaluator.model).__name__}: {reason}.*"
                                              r"pass --no-merge"):

@@ -184,11 +184,13 @@ def test_the_fit_cache_keeps_within_its_byte_budget(llama_dir, text_file):
     ("gemma2", "do not add the MLP output to the residual stream as it is"),
     ("gemma3", "do not add the MLP output to the residual stream as it is"),
     ("mixtral", "has no mlp.down_proj linear layer"),
+    ("olmo2", "do not add the MLP output to the residual stream as it is"),
+    ("granite", "do not add the MLP output to the residual stream as it is"),
 ])
 def test_a_family_whose_mlp_output_cannot_carry_the_map_is_refused_by_name(family, reason, tiny_models, text_file):
-    """Gemma's post-feedforward norm sits between the MLP and the residual stream, so a map folded
-    into down_proj would not move the layer output as the fit assumes; Mixtral's experts keep
-    their output projections as one stacked tensor."""
+    """Gemma's and OLMo 2's post-feedforward norms and Granite's residual multiplier sit between the
+    MLP and the residual stream, so a map folded into down_proj would not move the layer output
+    as the fit assumes; Mixtral's experts keep their output projections as one stacked tensor."""
     evaluator = make(tiny_models[family], text_file)
     with pytest.raises(RepairError, match=rf"{reason}.*--repair none"):
         evaluator.evaluate([[1, 0, 1, 1, 0, 1]])

@@ -6,14 +6,14 @@ from transformers import AutoModelForCausalLM
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.models import load_model
 from evaluators.surgery import dense_layer_types, layer_stack, layer_view
-from tests.tiny import FAMILIES, MERGEABLE
+from tests.tiny import FAMILIES, MERGEABLE, REPAIRABLE
 
 SKIP_ONLY = [1, 0, 1, 1, 0, 1]
 WITH_MERGE = [1, 2, 1, 0, 1, 2]
 # Every family skips; merging and repair are checked where they support the family (elsewhere
 # they are refused: tests/test_merge.py, tests/test_repair.py).
 CUTS = [(family, genes, repair) for family in FAMILIES for genes in (SKIP_ONLY, WITH_MERGE) for repair in ("none", "lsq")
-        if family in MERGEABLE or (genes == SKIP_ONLY and repair == "none")]
+        if (family in MERGEABLE or genes == SKIP_ONLY) and (family in REPAIRABLE or repair == "none")]
 
 
 def logits(model, ids):
@@ -71,9 +71,8 @@ def test_view_and_compact_model_agree_and_export_reloads_identically(family, gen
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_with_kv_cache_matches_generation_without(family, tiny_models, text_file):
-    supported = family in MERGEABLE
-    scorer = evaluator(tiny_models[family], text_file, "lsq" if supported else "none")
-    compact = scorer.compact(WITH_MERGE if supported else SKIP_ONLY)
+    scorer = evaluator(tiny_models[family], text_file, "lsq" if family in REPAIRABLE else "none")
+    compact = scorer.compact(WITH_MERGE if family in MERGEABLE else SKIP_ONLY)
     prompt = ids(seed=1, length=12)
     settings = dict(max_new_tokens=30, do_sample=False, pad_token_id=2)  # 42 tokens: past the sliding window
     cached = compact.generate(prompt, use_cache=True, **settings)

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-    MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM,
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+    Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
     Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
@@ -32,8 +33,17 @@ FAMILIES = {
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 16}),
     # A mixture of experts (experts as stacked 3-d weights): skip/keep only.
     "mixtral": (MixtralConfig, MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # Fused qkv_proj and gate_up_proj: merging is refused, seam repair works (down_proj as Llama's).
+    "phi3": (Phi3Config, Phi3ForCausalLM, {}),
+    # Norms after attention and MLP (no input norm) and q/k norms: skip/keep only.
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
+    # Llama's layout with multipliers: the MLP output is scaled before it joins the residual
+    # stream, so seam repair is refused; merging works.
+    "granite": (GraniteConfig, GraniteForCausalLM, {"residual_multiplier": 0.5, "embedding_multiplier": 2.0,
+                                                    "logits_scaling": 2.0, "attention_multiplier": 0.2}),
 }
-MERGEABLE = ("llama", "mistral", "qwen2", "qwen3")  # also the families seam repair supports
+MERGEABLE = ("llama", "mistral", "qwen2", "qwen3", "granite")
+REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
 VERBS = "sees chases likes finds follows hears meets helps".split()
