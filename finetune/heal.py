@@ -26,7 +26,8 @@ from evaluators.text import load_text, text_blocks
 from finetune.checkpoint import TrainState, read_state
 from finetune.config import HealConfig
 from finetune.model import (
-    attach_adapter, build_compact, check_windows, load_chromosome, needs_calibration_text, surgery_settings,
+    attach_adapter, build_compact, check_plan_targets, check_windows, load_chromosome, needs_calibration_text,
+    surgery_settings,
     trainable_parameters,
 )
 from finetune.efficiency import compare, folder_bytes
@@ -85,6 +86,7 @@ def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace
     """Check every input and read the texts; raises with a message that names the problem."""
     record, spec = load_chromosome(chromosome, config.model)
     check_windows(config, spec)
+    check_plan_targets(config, spec)
     compact_depth = record.num_layers - record.removed
     if config.plan == "tail" and config.tail_layers > compact_depth:
         raise ValueError(f"tail_layers ({config.tail_layers}) exceeds the {compact_depth} layers of the compact model")

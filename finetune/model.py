@@ -51,6 +51,22 @@ def check_windows(config: HealConfig, spec: str) -> None:
             raise ValueError(f"{name} ({getattr(config, name)}) exceeds the context of {spec} ({context} tokens)")
 
 
+def check_plan_targets(config: HealConfig, spec: str) -> None:
+    """Refuse a LoRA plan whose projections the model does not have (fused ones, as Phi-3's), before
+    any weights load: the model is built on the meta device to read its module names."""
+    if not config.lora_targets:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_folder(spec)))
+    names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+    missing = [target for target in config.lora_targets if target not in names]
+    if missing:
+        raise ValueError(f"plan {config.plan} puts LoRA on {', '.join(config.lora_targets)}, but "
+                         f"{type(skeleton).__name__} has no {', '.join(missing)} (fused projections?); "
+                         "use --plan norm or --plan tail")
+
+
 def surgery_settings(record: ChromosomeRecord, spec: str, config: HealConfig) -> EvaluatorConfig:
     """The search's merge and repair settings (saved in best.json; defaults for a hand-written
     file), on this machine's model, device and data, with --repair overriding the recorded one."""

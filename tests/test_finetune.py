@@ -440,3 +440,19 @@ def test_a_task_without_its_data_fails_in_one_line_before_any_training(llama_dir
     error = capsys.readouterr().err
     assert failure.value.code == 2 and message in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("plan, works", [("qv", False), ("norm", True), ("tail", True)])
+def test_a_lora_plan_a_family_cannot_take_is_refused_before_any_weights_load(plan, works, tiny_models, text_file,
+                                                                             held_out, tmp_path, capsys):
+    best = chromosome(tmp_path, SKIP_ONLY, tiny_models["phi3"], text_file)  # fused qkv_proj and gate_up_proj
+    argv = options(best, tmp_path / "out", text_file, held_out, "--plan", plan, "--steps", "3", "--no-efficiency")
+    if works:
+        assert main(argv) == 0
+        return
+    with pytest.raises(SystemExit) as failure:
+        main(argv)
+    error = capsys.readouterr().err
+    assert failure.value.code == 2 and "Traceback" not in error
+    assert "plan qv puts LoRA on q_proj, v_proj, but Phi3ForCausalLM has no q_proj, v_proj" in error
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
