@@ -267,8 +267,10 @@ def survivors(individuals: list[Individual], count: int) -> list[Individual]:
     few full evaluations on the most promising variants, as EvoPress's staged selection does,
     while crossover still recombines what different members found.
     """
-    distinct = list({to_string(ind): ind for ind in reversed(individuals)}.values())[::-1]  # first copy of each
-    return tools.selBest(distinct, count)
+    distinct: dict[str, Individual] = {}
+    for ind in individuals:
+        distinct.setdefault(to_string(ind), ind)
+    return tools.selBest(list(distinct.values()), count)
 
 
 def record_generation(state: SearchState, evals: int, hits: int, stats: tools.Statistics) -> dict[str, Any]:
