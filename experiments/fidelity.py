@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chromosomes import from_string
+from chromosomes import from_string, layers_removed
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.perplexity import nll_of_hidden
 from evaluators.surgery import layer_view
@@ -31,11 +31,14 @@ from experiments.report import save_results
 
 
 def candidates(runs: Sequence[Path], top: int, extra: Sequence[str]) -> list[str]:
-    """The `top` best chromosomes each run scored (from its fitness cache), then the extra ones."""
+    """The `top` best chromosomes each run scored at its budget (from its fitness cache; not the
+    single-layer removals of importance seeding), then the extra ones."""
     chosen: list[str] = []
     for run in runs:
-        cache = json.loads((run / "checkpoint.json").read_text())["state"]["cache"]
-        chosen += sorted(cache, key=lambda key: cache[key]["nll"])[:top]
+        checkpoint = json.loads((run / "checkpoint.json").read_text())
+        cache = checkpoint["state"]["cache"]
+        searched = [key for key in cache if layers_removed(from_string(key)) == checkpoint["removed"]]
+        chosen += sorted(searched, key=lambda key: cache[key]["nll"])[:top]
     return list(dict.fromkeys(chosen + list(extra)))
 
 
