@@ -322,8 +322,11 @@ class LayerMerger:
         if block in self._fused:
             self._fused.move_to_end(block)
             return self._fused[block]
-        anchor = self._folded(block.anchor)
-        aligned = [self.aligned(block.anchor, j) for j in block.merged]
+        try:
+            anchor = folded_params(self.layers[block.anchor])
+            aligned = [self.aligned(block.anchor, j) for j in block.merged]
+        except KeyError as missing:
+            raise layout_error(self.model_name, missing) from None
         fused = build_layer(self.layers[block.anchor], combine(anchor, aligned, self.rule))
         fused.requires_grad_(False)
         self._fused[block] = fused
@@ -333,10 +336,7 @@ class LayerMerger:
 
     def aligned(self, anchor: int, other: int) -> Params:
         """Layer `other` in the anchor's basis, refused unless it still computes what it did."""
-        try:
-            params = apply_alignment(self._folded(other), self.alignment(anchor, other), self.geometry)
-        except KeyError as missing:
-            raise layout_error(self.model_name, missing) from None
+        params = apply_alignment(folded_params(self.layers[other]), self.alignment(anchor, other), self.geometry)
         if self.probes is not None and (anchor, other) not in self.changes:
             change = function_change(self.layers[other], params, self.probes[other])
             if not change < ALIGNMENT_TOLERANCE:
@@ -348,8 +348,3 @@ class LayerMerger:
             self.changes[anchor, other] = change
         return params
 
-    def _folded(self, index: int) -> Params:
-        try:
-            return folded_params(self.layers[index])
-        except KeyError as missing:
-            raise layout_error(self.model_name, missing) from None

@@ -121,12 +121,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _hub_snapshot(repo_id: str) -> Path:
     """The Hugging Face cache's copy of a hub model, downloaded first where the hub is reachable."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as error:  # offline, unreachable, unknown, gated: huggingface_hub raises many kinds
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"} else ""
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise ModelLoadError(
             f"model {repo_id!r} is not a local folder, and neither the Hugging Face cache nor the hub{offline} "
             f"provides it ({type(error).__name__}); download it where the hub is reachable "

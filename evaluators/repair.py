@@ -110,7 +110,11 @@ def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: tor
     captured: dict[str, torch.Tensor] = {}
 
     def run(scale: float) -> torch.Tensor:
-        hooks = [layer.mlp.register_forward_hook(lambda _m, _a, out: captured.__setitem__("mlp", out) or out * scale),
+        def scale_mlp(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            captured["mlp"] = out
+            return out * scale
+
+        hooks = [layer.mlp.register_forward_hook(scale_mlp),
                  layer.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out))]
         try:
             model.model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)

@@ -7,6 +7,7 @@ second and one line, not a traceback after the run.
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Sequence
 
 import torch
@@ -19,7 +20,9 @@ class TaskError(ValueError):
     """A task the harness does not know, or whose data set cannot be loaded."""
 
 
+@cache
 def task_manager(tasks_path: str | None):
+    """The harness's task index (it reads every task file it ships: seconds), built once per run."""
     from lm_eval.tasks import TaskManager
     return TaskManager(include_path=tasks_path) if tasks_path else TaskManager()
 
