@@ -14,17 +14,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from evaluators.families import family_of
 from evaluators.perplexity import nll_of_hidden
 
 
 def norm_parameters(model: PreTrainedModel, layers: Sequence[nn.Module]) -> list[nn.Parameter]:
-    """The RMSNorm weights the calibration may change: each layer's own norms and the final norm.
-
-    Only norms that are direct children of a decoder layer count, so Qwen3's per-head
-    q_norm/k_norm (inside the attention) stay fixed.
-    """
-    params = [child.weight for layer in layers for child in layer.children()
-              if type(child).__name__.endswith("RMSNorm")]
+    """The norm weights the calibration may change: each layer's own norms (as its family names
+    them) and the final norm. Norms of q and k inside the attention stay fixed."""
+    family = family_of(model)
+    params = [family.module(layer, name).weight for layer in layers for name in family.layer_norms]
     params.append(model.model.norm.weight)
     return params
 

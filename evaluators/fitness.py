@@ -14,10 +14,11 @@ import torch
 
 from chromosomes import ChromosomeError, blocks, validate
 from evaluators.calibration import calibrated_norms
+from evaluators.families import Geometry, family_of
 from evaluators.cli import Settings
 from evaluators.importance import block_influence
 from evaluators.merge import (
-    MERGE_RULES, PROBE_TOKENS, Geometry, LayerMerger, collect_activations, record_layer_inputs, require_mergeable,
+    MERGE_RULES, PROBE_TOKENS, LayerMerger, collect_activations, record_layer_inputs, require_mergeable,
 )
 from evaluators.models import DEFAULT_MODEL, decoder_layers, load_model
 from evaluators.perplexity import PrefixScorer, perplexity
@@ -161,6 +162,7 @@ class ModelEvaluator:
             torch.set_num_threads(config.threads)
         self.model, self.tokenizer = load_model(config.model, config.dtype, config.device)
         self.dense_layers = list(decoder_layers(self.model))
+        self.family = family_of(self.model)
         self.dense_types = dense_layer_types(self.model)
         self.num_layers = len(self.dense_layers)
         text = text_blocks(config.data, self.tokenizer, config.seq_len, data_dir=config.data_dir)
@@ -197,14 +199,16 @@ class ModelEvaluator:
     def merger(self) -> LayerMerger:
         """Built on first use: alignment needs one dense forward pass that skip-only runs never pay."""
         if self._merger is None:
-            require_mergeable(self.dense_layers[0], type(self.model).__name__)
+            geometry, name = Geometry.of(self.model.config), type(self.model).__name__
+            require_mergeable(self.dense_layers[0], name, self.family, geometry)
             activations = None
             align_blocks = self.split.tune[: self.config.align_blocks]
             if self.config.align:
-                activations = collect_activations(self.model, self.dense_layers, align_blocks, self.config.batch_size)
+                activations = collect_activations(self.model, self.dense_layers, align_blocks, self.config.batch_size,
+                                                  self.family)
             probes = record_layer_inputs(self.model, self.dense_layers, align_blocks[:1, :PROBE_TOKENS])
-            self._merger = LayerMerger(self.dense_layers, activations, Geometry.of(self.model.config),
-                                       self.config.merge_rule, probes=probes, model_name=type(self.model).__name__)
+            self._merger = LayerMerger(self.dense_layers, activations, geometry, self.family,
+                                       self.config.merge_rule, probes=probes, model_name=name)
         return self._merger
 
     @property
@@ -214,7 +218,8 @@ class ModelEvaluator:
             return None
         if self._repairer is None:
             self._repairer = SeamRepairer(self.model, self.dense_layers, self.split.tune[: self.config.repair_blocks],
-                                          self.config.batch_size, self.config.repair_ridge, self.config.repair_inputs)
+                                          self.config.batch_size, self.family, self.config.repair_ridge,
+                                          self.config.repair_inputs)
         return self._repairer
 
     def raw_stack(self, genes: Sequence[int]) -> LayerStack:

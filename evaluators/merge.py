@@ -14,8 +14,10 @@ Averaging raw weights mixes unrelated units. So before fusing layer j into ancho
 Every step leaves layer j's own function unchanged, and the merger proves it for each layer
 before fusing it: the aligned layer must add to a few calibration tokens' hidden states what
 the original adds (fp32, relative error below ALIGNMENT_TOLERANCE). A family whose layout
-these steps misread (norms scaling by 1 + w, norms around each sub-layer, fused projections,
-a mixture of experts) is refused with a MergeError instead of scored wrong. Then the aligned
+these steps misread is refused with a MergeError instead of scored wrong. Where families differ
+(norms scaling by 1 + w, norms around each sub-layer, fused projections, q/k norms over all
+heads) the layer's LayerFamily translates its parameters into roles and back; a mixture of
+experts has no single MLP to permute and is refused. Then the aligned
 weights are combined with the anchor's by a rule: "mean" (interpolation) or "sum" (anchor plus
 the sum of the aligned differences, as LaCo does).
 """
@@ -31,10 +33,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from chromosomes import Block
+from evaluators.families import Geometry, LayerFamily, LayoutError, Params
 
 MergeRule = Literal["mean", "sum"]
 MERGE_RULES: tuple[str, ...] = ("mean", "sum")
-Params = dict[str, torch.Tensor]
 # An aligned layer may change what it adds to its input by at most this much (relative, fp32):
 # permutations and rotations are exact up to rounding (measured below 1e-6 on every supported family).
 ALIGNMENT_TOLERANCE = 1e-4
@@ -67,25 +69,6 @@ class LayerInput:
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """Head layout of one attention block (query heads h use key-value head h // group_size)."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def group_size(self) -> int:
-        return self.heads // self.kv_heads
-
-    @classmethod
-    def of(cls, config) -> "Geometry":
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
-
-
-@dataclass(frozen=True)
 class LayerActivations:
     """What alignment needs from one dense layer, on the same calibration tokens for every layer."""
 
@@ -108,7 +91,8 @@ class Alignment:
 
 
 @torch.no_grad()
-def collect_activations(model: nn.Module, layers: Sequence[nn.Module], blocks: torch.Tensor, batch_size: int) -> list[LayerActivations]:
+def collect_activations(model: nn.Module, layers: Sequence[nn.Module], blocks: torch.Tensor, batch_size: int,
+                        family: LayerFamily) -> list[LayerActivations]:
     """Record every dense layer's MLP units and head outputs on the same calibration tokens."""
     mlp: list[list[torch.Tensor]] = [[] for _ in layers]
     heads: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -120,8 +104,8 @@ def collect_activations(model: nn.Module, layers: Sequence[nn.Module], blocks: t
 
     handles = []
     for index, layer in enumerate(layers):
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(recorder(mlp[index])))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(recorder(heads[index])))
+        handles.append(family.module(layer, family.down).register_forward_pre_hook(recorder(mlp[index])))
+        handles.append(family.module(layer, family.o).register_forward_pre_hook(recorder(heads[index])))
     device = next(model.parameters()).device
     try:
         for start in range(0, blocks.shape[0], batch_size):
@@ -132,18 +116,17 @@ def collect_activations(model: nn.Module, layers: Sequence[nn.Module], blocks: t
     return [LayerActivations(torch.cat(m), torch.cat(h)) for m, h in zip(mlp, heads)]
 
 
-def require_mergeable(layer: nn.Module, model_name: str) -> None:
+def require_mergeable(layer: nn.Module, model_name: str, family: LayerFamily, geometry: Geometry) -> None:
     """Refuse, before any work, a layer without the norms and projections merging rewrites."""
     try:
-        folded_params(layer)
-        layer.mlp.down_proj, layer.self_attn.o_proj
-    except (KeyError, AttributeError) as missing:
+        folded_params(layer, family, geometry)
+        family.module(layer, family.down), family.module(layer, family.o)
+    except LayoutError as missing:
         raise layout_error(model_name, missing) from None
 
 
-def layout_error(model_name: str, missing: Exception) -> MergeError:
-    return MergeError(f"merging is not supported for {model_name}: its layers have no {missing.args[0]!r} "
-                      "(fused projections, or a mixture of experts?); pass --no-merge to search skip/keep only")
+def layout_error(model_name: str, missing: LayoutError) -> MergeError:
+    return MergeError(f"merging is not supported for {model_name}: {missing}; pass --no-merge to search skip/keep only")
 
 
 @torch.no_grad()
@@ -165,11 +148,11 @@ def record_layer_inputs(model: nn.Module, layers: Sequence[nn.Module], ids: torc
     return [probe for probe in recorded if probe is not None]
 
 
-def function_change(original: nn.Module, params: Params, probe: LayerInput) -> float:
-    """How much a layer rebuilt from `params` changes what `original` adds to its input
+def function_change(original: nn.Module, params: Params, probe: LayerInput, family: LayerFamily) -> float:
+    """How much a layer rebuilt from `params` (roles) changes what `original` adds to its input
     (relative norm of the difference, in fp32)."""
     reference = copy.deepcopy(original).float()
-    rebuilt = build_layer(reference, params)
+    rebuilt = build_layer(reference, params, family)
     probe = probe.fp32()
 
     def added(layer: nn.Module) -> torch.Tensor:
@@ -221,48 +204,51 @@ def compute_alignment(anchor: LayerActivations, other: LayerActivations, geometr
     return Alignment(match_mlp_units(anchor.mlp, other.mlp), group_order, rotations)
 
 
-def folded_params(layer: nn.Module) -> Params:
-    """The layer's parameters in fp32 with each RMSNorm weight folded into the projections after it."""
-    params = {name: p.detach().float().clone() for name, p in layer.named_parameters()}
-    attention_norm = params["input_layernorm.weight"]
-    mlp_norm = params["post_attention_layernorm.weight"]
-    for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-        params[name] = params[name] * attention_norm
-    for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-        params[name] = params[name] * mlp_norm
-    params["input_layernorm.weight"] = torch.ones_like(attention_norm)
-    params["post_attention_layernorm.weight"] = torch.ones_like(mlp_norm)
+def folded_params(layer: nn.Module, family: LayerFamily, geometry: Geometry) -> Params:
+    """The layer's parameters as roles, in fp32, with each input norm's scale folded into the
+    projections that read it (the norm then scales by exactly 1)."""
+    params = family.to_roles({name: p.detach().float().clone() for name, p in layer.named_parameters()}, geometry)
+    for norm, readers in (("attention_norm", ("q", "k", "v")), ("mlp_norm", ("gate", "up"))):
+        if getattr(family, norm) is None:
+            continue
+        weight = params[f"{norm}.weight"]
+        for role in readers:
+            params[f"{role}.weight"] = params[f"{role}.weight"] * (weight + family.norm_offset)
+        params[f"{norm}.weight"] = torch.full_like(weight, 1.0 - family.norm_offset)
     return params
 
 
 def apply_alignment(params: Params, alignment: Alignment, geometry: Geometry) -> Params:
-    """Permute and rotate a layer's (folded) parameters; its function stays the same."""
+    """Permute and rotate a layer's (folded) role parameters; its function stays the same.
+
+    q/k norms over single heads are shared by every head and need nothing; norms over all heads
+    at once (OLMo 2) follow their rows.
+    """
     out = dict(params)
     d, r = geometry.head_dim, geometry.group_size
-    rotations = alignment.rotations.to(out["self_attn.v_proj.weight"].device)
+    rotations = alignment.rotations.to(out["v.weight"].device)
     kv_rows = (alignment.group_order[:, None] * d + torch.arange(d)).reshape(-1)
     query_heads = (alignment.group_order[:, None] * r + torch.arange(r)).reshape(-1)
     q_rows = (query_heads[:, None] * d + torch.arange(d)).reshape(-1)
-    for name in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
-        if name in out:
-            out[name] = out[name][q_rows]
-    for name in ("self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias"):
-        if name in out:
-            out[name] = out[name][kv_rows]
-    out["self_attn.o_proj.weight"] = out["self_attn.o_proj.weight"][:, q_rows]
+    for rows, names in ((q_rows, ("q.weight", "q.bias", "q_norm.weight")),
+                        (kv_rows, ("k.weight", "k.bias", "v.weight", "v.bias", "k_norm.weight"))):
+        for name in names:
+            if name in out and out[name].shape[0] == rows.numel():
+                out[name] = out[name][rows]
+    out["o.weight"] = out["o.weight"][:, q_rows]
     # Value rotation: v -> R^T v per group, and every query head of the group reads o -> W_o R.
-    value = out["self_attn.v_proj.weight"].view(geometry.kv_heads, d, -1)
-    out["self_attn.v_proj.weight"] = torch.einsum("gji,gjk->gik", rotations, value).reshape(-1, value.shape[-1])
-    if "self_attn.v_proj.bias" in out:
-        bias = out["self_attn.v_proj.bias"].view(geometry.kv_heads, d)
-        out["self_attn.v_proj.bias"] = torch.einsum("gji,gj->gi", rotations, bias).reshape(-1)
-    output = out["self_attn.o_proj.weight"].view(-1, geometry.kv_heads, r, d)
-    out["self_attn.o_proj.weight"] = torch.einsum("ogrj,gjk->ogrk", output, rotations).reshape(output.shape[0], -1)
+    value = out["v.weight"].view(geometry.kv_heads, d, -1)
+    out["v.weight"] = torch.einsum("gji,gjk->gik", rotations, value).reshape(-1, value.shape[-1])
+    if "v.bias" in out:
+        bias = out["v.bias"].view(geometry.kv_heads, d)
+        out["v.bias"] = torch.einsum("gji,gj->gi", rotations, bias).reshape(-1)
+    output = out["o.weight"].view(-1, geometry.kv_heads, r, d)
+    out["o.weight"] = torch.einsum("ogrj,gjk->ogrk", output, rotations).reshape(output.shape[0], -1)
     order = alignment.mlp_order
-    for name in ("mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight", "mlp.up_proj.bias"):
+    for name in ("gate.weight", "gate.bias", "up.weight", "up.bias"):
         if name in out:
             out[name] = out[name][order]
-    out["mlp.down_proj.weight"] = out["mlp.down_proj.weight"][:, order]
+    out["down.weight"] = out["down.weight"][:, order]
     return out
 
 
@@ -275,8 +261,9 @@ def combine(anchor: Params, others: Sequence[Params], rule: MergeRule) -> Params
     raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
 
 
-def build_layer(template: nn.Module, params: Params) -> nn.Module:
-    """A new layer of the template's class and dtype holding the given parameters."""
+def build_layer(template: nn.Module, params: Params, family: LayerFamily) -> nn.Module:
+    """A new layer of the template's class and dtype holding the given role parameters."""
+    params = family.from_roles(params)
     layer = copy.deepcopy(template)
     with torch.no_grad():
         for name, parameter in layer.named_parameters():
@@ -293,7 +280,7 @@ class LayerMerger:
 
     def __init__(
         self, layers: Sequence[nn.Module], activations: Sequence[LayerActivations] | None,
-        geometry: Geometry, rule: MergeRule = "mean", max_cached: int = 32,
+        geometry: Geometry, family: LayerFamily, rule: MergeRule = "mean", max_cached: int = 32,
         probes: Sequence[LayerInput] | None = None, model_name: str = "this model",
     ):
         if rule not in MERGE_RULES:
@@ -301,6 +288,7 @@ class LayerMerger:
         self.layers = list(layers)
         self.activations = activations  # None: merge without alignment (for ablations)
         self.geometry = geometry
+        self.family = family
         self.rule = rule
         self.max_cached = max_cached
         self.probes = probes  # None: no check (tests of the arithmetic itself)
@@ -311,7 +299,7 @@ class LayerMerger:
 
     def alignment(self, anchor: int, other: int) -> Alignment:
         if self.activations is None:
-            intermediate = self.layers[other].mlp.down_proj.in_features
+            intermediate = self.family.module(self.layers[other], self.family.down).in_features
             return Alignment.identity(intermediate, self.geometry)
         key = (anchor, other)
         if key not in self._alignments:
@@ -323,11 +311,11 @@ class LayerMerger:
             self._fused.move_to_end(block)
             return self._fused[block]
         try:
-            anchor = folded_params(self.layers[block.anchor])
+            anchor = folded_params(self.layers[block.anchor], self.family, self.geometry)
             aligned = [self.aligned(block.anchor, j) for j in block.merged]
-        except KeyError as missing:
+        except LayoutError as missing:
             raise layout_error(self.model_name, missing) from None
-        fused = build_layer(self.layers[block.anchor], combine(anchor, aligned, self.rule))
+        fused = build_layer(self.layers[block.anchor], combine(anchor, aligned, self.rule), self.family)
         fused.requires_grad_(False)
         self._fused[block] = fused
         while len(self._fused) > self.max_cached:
@@ -336,9 +324,10 @@ class LayerMerger:
 
     def aligned(self, anchor: int, other: int) -> Params:
         """Layer `other` in the anchor's basis, refused unless it still computes what it did."""
-        params = apply_alignment(folded_params(self.layers[other]), self.alignment(anchor, other), self.geometry)
+        params = apply_alignment(folded_params(self.layers[other], self.family, self.geometry),
+                                 self.alignment(anchor, other), self.geometry)
         if self.probes is not None and (anchor, other) not in self.changes:
-            change = function_change(self.layers[other], params, self.probes[other])
+            change = function_change(self.layers[other], params, self.probes[other], self.family)
             if not change < ALIGNMENT_TOLERANCE:
                 raise MergeError(
                     f"merging is not supported for {self.model_name}: aligning layer {other} to layer {anchor} "

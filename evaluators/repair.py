@@ -21,7 +21,6 @@ chromosomes sharing leading layers share it). Fits are cached within a byte budg
 """
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from evaluators.families import LayerFamily, LayoutError
 from evaluators.perplexity import Replay
 from evaluators.surgery import LayerStack, layer_view
 
@@ -64,22 +64,32 @@ def seam_targets(stack: LayerStack, num_layers: int) -> list[tuple[int, int]]:
     return [(k, anchors[k + 1] - 1) for k in range(len(stack.plan)) if anchors[k + 1] - 1 > anchors[k]]
 
 
-def mlp_output_projection(layer: nn.Module) -> nn.Linear:
+def mlp_output_projection(layer: nn.Module, family: LayerFamily) -> nn.Linear:
     """The linear map that writes a decoder layer's MLP output into the residual stream."""
-    projection = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    if family.experts:
+        raise RepairError(f"seam repair is not supported for {type(layer).__name__}: its MLP is a mixture of "
+                          "experts, with no single output projection to fold a map into (use --repair none)")
+    if family.mlp_output_norm:
+        raise RepairError(f"seam repair is not supported for {type(layer).__name__}: a norm "
+                          f"({family.mlp_output_norm}) follows its MLP, so a map folded into {family.down} would "
+                          "be normalised away (use --repair none)")
+    try:
+        projection = family.module(layer, family.down)
+    except LayoutError:
+        projection = None
     if not isinstance(projection, nn.Linear):
-        raise RepairError(f"{type(layer).__name__} has no mlp.down_proj linear layer: seam repair needs one "
+        raise RepairError(f"{type(layer).__name__} has no {family.down} linear layer: seam repair needs one "
                           "(use --repair none)")
     return projection
 
 
-def with_output_map(layer: nn.Module, transform: torch.Tensor) -> nn.Module:
+def with_output_map(layer: nn.Module, transform: torch.Tensor, family: LayerFamily) -> nn.Module:
     """A copy of the layer whose MLP output is multiplied by `transform` [H, H] (down_proj W <- T^T W).
 
     Only the MLP and its down_proj are new objects; every other submodule is the dense layer's own,
     so a repaired view costs one hidden x intermediate matrix, not a whole layer.
     """
-    down = mlp_output_projection(layer)
+    down = mlp_output_projection(layer, family)
     t = transform.to(torch.float64)
     new_down = nn.Linear(down.in_features, down.out_features, bias=down.bias is not None,
                          device=down.weight.device, dtype=down.weight.dtype)
@@ -88,17 +98,12 @@ def with_output_map(layer: nn.Module, transform: torch.Tensor) -> nn.Module:
         if down.bias is not None:
             new_down.bias.copy_((t.T @ down.bias.double()).to(down.bias.dtype))
     new_down.requires_grad_(False)
-    mlp = copy.copy(layer.mlp)
-    mlp._modules = OrderedDict(layer.mlp._modules)
-    mlp._modules["down_proj"] = new_down
-    repaired = copy.copy(layer)
-    repaired._modules = OrderedDict(layer._modules)
-    repaired._modules["mlp"] = mlp
-    return repaired
+    return family.replaced(layer, family.down, new_down)
 
 
 @torch.no_grad()
-def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: torch.Tensor) -> None:
+def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: torch.Tensor,
+                              family: LayerFamily) -> None:
     """Refuse a family whose layer does not add its MLP output to the residual stream as it is.
 
     The fit assumes layer output = (everything else) + MLP output, so that a map on the MLP
@@ -114,7 +119,7 @@ def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: tor
             captured["mlp"] = out
             return out * scale
 
-        hooks = [layer.mlp.register_forward_hook(scale_mlp),
+        hooks = [family.module(layer, family.mlp).register_forward_hook(scale_mlp),
                  layer.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out))]
         try:
             model.model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
@@ -160,13 +165,14 @@ class SeamRepairer:
     """Fits and caches seam repairs of layer stacks on fixed calibration blocks."""
 
     def __init__(self, model: PreTrainedModel, dense_layers: Sequence[nn.Module], blocks: torch.Tensor,
-                 batch_size: int, ridge: float = 1e-3, inputs: str = "pruned", cache_bytes: int = CACHE_BYTES):
+                 batch_size: int, family: LayerFamily, ridge: float = 1e-3, inputs: str = "pruned", cache_bytes: int = CACHE_BYTES):
         if ridge < 0:
             raise RepairError(f"ridge must not be negative, got {ridge}")
         for layer in dense_layers:
-            mlp_output_projection(layer)  # refuse an unsupported layout before any work
-        check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS])
+            mlp_output_projection(layer, family)  # refuse an unsupported layout before any work
+        check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS], family)
         self.model = model
+        self.family = family
         self.dense_layers = list(dense_layers)
         self.blocks = blocks
         self.batch_size = batch_size
@@ -238,10 +244,10 @@ class SeamRepairer:
     def _remember(self, key: Hashable, module: nn.Module, state: list[torch.Tensor]) -> None:
         """Cache a fit, dropping the least recently used ones beyond the cache's byte budget."""
         self._fitted[key] = (module, state)
-        self._cached_bytes += _entry_bytes(module, state)
+        self._cached_bytes += self._entry_bytes(module, state)
         while self._cached_bytes > self.cache_bytes and len(self._fitted) > 1:
             _, (old_module, old_state) = self._fitted.popitem(last=False)
-            self._cached_bytes -= _entry_bytes(old_module, old_state)
+            self._cached_bytes -= self._entry_bytes(old_module, old_state)
 
     @torch.no_grad()
     def _fit(self, segment: list[nn.Module], stack: LayerStack, start: int, state: list[torch.Tensor] | None,
@@ -266,7 +272,7 @@ class SeamRepairer:
             transform = torch.eye(hidden, dtype=transform.dtype, device=transform.device)
         t = transform.to(mlp_outputs[0].dtype)
         repaired_out = [h_mid + mlp_out @ t for h_mid, mlp_out in zip(outputs, mlp_outputs)]
-        return with_output_map(layer, transform), repaired_out
+        return with_output_map(layer, transform, self.family), repaired_out
 
     def _run(self, ids: torch.Tensor, segment: list[nn.Module], stack: LayerStack, start: int,
              state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +287,8 @@ class SeamRepairer:
         captured: dict[str, torch.Tensor] = {}
         last = segment[-1]
         hooks = [last.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out)),
-                 last.mlp.register_forward_hook(lambda _m, _a, out: captured.__setitem__("mlp", out))]
+                 self.family.module(last, self.family.mlp).register_forward_hook(
+                     lambda _m, _a, out: captured.__setitem__("mlp", out))]
         try:
             with layer_view(self.model, modules, types):
                 self.model.model(input_ids=ids, use_cache=False)
@@ -290,7 +297,6 @@ class SeamRepairer:
                 hook.remove()
         return captured["out"], captured["mlp"]
 
-
-def _entry_bytes(module: nn.Module, state: list[torch.Tensor]) -> int:
-    weight = mlp_output_projection(module).weight
-    return weight.numel() * weight.element_size() + sum(t.numel() * t.element_size() for t in state)
+    def _entry_bytes(self, module: nn.Module, state: list[torch.Tensor]) -> int:
+        weight = mlp_output_projection(module, self.family).weight
+        return weight.numel() * weight.element_size() + sum(t.numel() * t.element_size() for t in state)

@@ -13,13 +13,14 @@ from evaluators.cli import Settings
 from evaluators.repair import REPAIRS
 from evaluators.text import CALIBRATION_TEXT, REPORT_TEXTS
 
-# Which linear layers of each decoder layer carry LoRA in each plan; every plan also trains the
-# RMSNorm weights (each layer's input and post-attention norms, and the final norm). `tail`
-# carries no adapter: it trains lm_head and the last --tail-layers decoder layers in full.
+# Which projections of each decoder layer carry LoRA in each plan, as roles that the model's
+# layer family names (q_proj, or Phi-3's fused qkv_proj); every plan also trains the norm
+# weights (each layer's own norms and the final norm). `tail` carries no adapter: it trains
+# lm_head and the last --tail-layers decoder layers in full.
 PLANS: dict[str, tuple[str, ...]] = {
     "norm": (),
-    "qv": ("q_proj", "v_proj"),
-    "wide": ("q_proj", "v_proj", "o_proj", "gate_proj"),
+    "qv": ("q", "v"),
+    "wide": ("q", "v", "o", "gate"),
     "tail": (),
 }
 
@@ -34,9 +35,9 @@ class HealConfig(Settings):
 
     kind = "healing setting"
 
-    plan: str = field(default="qv", metadata={"help": "what is trained: norm (RMSNorm weights only), qv (LoRA on "
-                                                      "q_proj, v_proj + norms), wide (LoRA on q_proj, v_proj, "
-                                                      "o_proj, gate_proj + norms), tail (lm_head and the last "
+    plan: str = field(default="qv", metadata={"help": "what is trained: norm (norm weights only), qv (LoRA on "
+                                                      "q_proj, v_proj + norms; Phi-3's fused qkv_proj whole), wide "
+                                                      "(LoRA on q_proj, v_proj, o_proj, gate_proj + norms), tail (lm_head and the last "
                                                       "--tail-layers decoder layers in full + norms, as Lu et al. "
                                                       "heal depth-pruned models; a head tied to the input "
                                                       "embeddings is trained as the one matrix it is)"})
@@ -45,7 +46,7 @@ class HealConfig(Settings):
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    train_qk_norm: bool = field(default=False, metadata={"help": "also train Qwen3's per-head q_norm/k_norm"})
+    train_qk_norm: bool = field(default=False, metadata={"help": "also train the q_norm/k_norm of families that have them (Qwen3, Gemma 3, OLMo 2)"})
     steps: int = field(default=200, metadata={"help": "optimizer steps (0: export the compact model untrained)"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, no weight decay)"})
     warmup: int = field(default=20, metadata={"help": "steps of linear warm-up; then cosine decay to lr / 10"})
@@ -116,7 +117,7 @@ class HealConfig(Settings):
             raise ValueError(f"{self.data} is the training text: it cannot also be a held-out text (eval_texts)")
 
     @property
-    def lora_targets(self) -> tuple[str, ...]:
+    def lora_roles(self) -> tuple[str, ...]:
         return PLANS[self.plan]
 
     @property

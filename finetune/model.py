@@ -19,6 +19,7 @@ from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_mod
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chromosomes import ChromosomeError, ChromosomeRecord, Gene
+from evaluators.families import family_of
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.models import decoder_layers, load_model, model_folder
 from evaluators.surgery import compact_model
@@ -52,19 +53,25 @@ def check_windows(config: HealConfig, spec: str) -> None:
 
 
 def check_plan_targets(config: HealConfig, spec: str) -> None:
-    """Refuse a LoRA plan whose projections the model does not have (fused ones, as Phi-3's), before
-    any weights load: the model is built on the meta device to read its module names."""
-    if not config.lora_targets:
+    """Refuse a LoRA plan whose projections the model does not have, before any weights load:
+    the model is built on the meta device to read its layer family and module names."""
+    if not config.lora_roles:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_folder(spec)))
+    targets = lora_targets(skeleton, config)
     names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
-    missing = [target for target in config.lora_targets if target not in names]
+    missing = [target for target in targets if target not in names]
     if missing:
-        raise ValueError(f"plan {config.plan} puts LoRA on {', '.join(config.lora_targets)}, but "
-                         f"{type(skeleton).__name__} has no {', '.join(missing)} (fused projections?); "
+        raise ValueError(f"plan {config.plan} puts LoRA on {', '.join(targets)}, but "
+                         f"{type(skeleton).__name__} has no {', '.join(missing)} (a mixture of experts?); "
                          "use --plan norm or --plan tail")
+
+
+def lora_targets(model: PreTrainedModel, config: HealConfig) -> tuple[str, ...]:
+    """The module names (as peft matches them) that hold the plan's projections in this model."""
+    return family_of(model).lora_targets(config.lora_roles)
 
 
 def surgery_settings(record: ChromosomeRecord, spec: str, config: HealConfig) -> EvaluatorConfig:
@@ -96,33 +103,24 @@ def build_compact(
 
 
 def norm_module_names(model: PreTrainedModel, include_qk: bool) -> list[str]:
-    """Names (matched by peft as suffixes) of the RMSNorms to train.
-
-    A decoder layer's own norms are its direct RMSNorm children (input and post-attention);
-    Qwen3's q_norm/k_norm sit inside the attention and join only when asked. The final norm is
-    named by its full path, since its short name `norm` is a suffix of every other norm's.
-    """
-    layer = decoder_layers(model)[0]
-    names = {name for name, child in layer.named_children() if _is_rms_norm(child)}
-    if include_qk:
-        names |= {name for name, child in layer.self_attn.named_children() if _is_rms_norm(child)}
+    """Names (matched by peft as suffixes) of the norms to train: each layer's own norms as its
+    family names them, q_norm/k_norm only when asked, and the final norm by its full path
+    (its short name `norm` is a suffix of every other norm's)."""
+    family = family_of(model)
+    names = [*family.layer_norms, *(family.head_norms if include_qk else ())]
     final = next(name for name, module in model.named_modules() if module is model.model.norm)
     return sorted(names) + [final]
 
 
-def _is_rms_norm(module: torch.nn.Module) -> bool:
-    return type(module).__name__.endswith("RMSNorm")
-
-
-def adapter_config(config: HealConfig, norms: list[str]) -> PeftConfig:
+def adapter_config(config: HealConfig, norms: list[str], targets: tuple[str, ...]) -> PeftConfig:
     """LoRA on the plan's projections with the norms trained in full, or the norms alone.
 
     peft's LoRA needs at least one target layer, so the norm-only plan is peft's LayerNorm
     tuning (LN tuning) on the same norms: both save a standard adapter folder.
     """
-    if config.lora_targets:
+    if targets:
         return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                          target_modules=list(config.lora_targets), modules_to_save=norms, task_type="CAUSAL_LM")
+                          target_modules=list(targets), modules_to_save=norms, task_type="CAUSAL_LM")
     return LNTuningConfig(target_modules=norms, task_type="CAUSAL_LM")
 
 
@@ -142,7 +140,8 @@ def attach_adapter(model: PreTrainedModel, config: HealConfig) -> PeftModel | Pr
         warnings.filterwarnings("ignore", message="Unsupported layer type .*RMSNorm")
         # peft still asks transformers for the old name of the checkpointing flag
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-        peft_model = get_peft_model(model, adapter_config(config, norm_module_names(model, config.train_qk_norm)))
+        peft_model = get_peft_model(model, adapter_config(config, norm_module_names(model, config.train_qk_norm),
+                                                          lora_targets(model, config)))
     for parameter in trainable_parameters(peft_model).values():
         parameter.data = parameter.data.float()  # bf16 cannot hold the small updates of a norm weight near 1
     return peft_model
@@ -158,8 +157,8 @@ def train_tail(model: PreTrainedModel, config: HealConfig) -> PreTrainedModel:
     layers = decoder_layers(model)
     model.requires_grad_(False)
     trained = [model.get_output_embeddings(), *layers[max(0, len(layers) - config.tail_layers):]]
-    trained += [module for name, module in model.named_modules() if _is_rms_norm(module)
-                and (config.train_qk_norm or not name.endswith(("q_norm", "k_norm")))]
+    norms = tuple(norm_module_names(model, config.train_qk_norm))
+    trained += [module for name, module in model.named_modules() if name.endswith(norms)]
     for module in trained:
         module.requires_grad_(True)
     for parameter in trainable_parameters(model).values():

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import finetune.heal
 import finetune.train
 from chromosomes import ChromosomeRecord
+from evaluators.families import family_of
 from evaluators.fitness import EvaluatorConfig
 from evaluators.models import load_model
 from evaluators.surgery import compact_model
@@ -157,23 +158,43 @@ PLAN_CASES = [  # family, plan, train_qk_norm, LoRA layers expected
     ("qwen2", "qv", False, {"q_proj", "v_proj"}),
     ("qwen3", "qv", False, {"q_proj", "v_proj"}),
     ("qwen3", "norm", True, set()),
+    ("gemma2", "qv", False, {"q_proj", "v_proj"}),
+    ("gemma3", "wide", True, {"q_proj", "v_proj", "o_proj", "gate_proj"}),
+    ("phi3", "qv", False, {"qkv_proj"}),  # fused: LoRA on the whole qkv projection
+    ("phi3", "wide", False, {"qkv_proj", "o_proj", "gate_up_proj"}),
+    ("olmo2", "qv", True, {"q_proj", "v_proj"}),
+    ("granite", "wide", False, {"q_proj", "v_proj", "o_proj", "gate_proj"}),
+    ("mixtral", "qv", False, {"q_proj", "v_proj"}),
+    ("qwen3_moe", "norm", False, set()),
 ]
 
 
 @pytest.mark.parametrize("family, plan, qk_norm, lora", PLAN_CASES)
 def test_each_plan_trains_its_parameters_and_nothing_else(family, plan, qk_norm, lora, tiny_models):
     model, _ = load_model(str(tiny_models[family]))
+    own = family_of(model)
     compact_model(model, SKIP_ONLY)
     names = trainable_parameters(attach_adapter(model, HealConfig(plan=plan, train_qk_norm=qk_norm)))
     lora_layers = {name.split(".")[-4] for name in names if ".lora_" in name}
     norms = {name for name in names if ".lora_" not in name}
     assert lora_layers == lora
     assert len([n for n in names if ".lora_A." in n]) == 4 * len(lora)  # every compact layer, once per target
-    expected_norms = {"input_layernorm", "post_attention_layernorm"} | ({"q_norm", "k_norm"} if qk_norm else set())
+    expected_norms = {name.rsplit(".", 1)[-1] for name in own.layer_norms + (own.head_norms if qk_norm else ())}
     assert {name.split(".")[-4] for name in norms if ".layers." in name} == expected_norms
     assert sum(".layers." not in name for name in norms) == 1  # the final norm
     assert len(norms) == 4 * len(expected_norms) + 1
     assert all(p.dtype == torch.float32 for p in names.values())
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "olmo2", "mixtral"])
+def test_the_tail_plan_finds_the_norms_of_every_family(family, tiny_models):
+    model, _ = load_model(str(tiny_models[family]))
+    compact_model(model, SKIP_ONLY)
+    names = trainable_parameters(attach_adapter(model, HealConfig(plan="tail", tail_layers=1)))
+    own = family_of(model).layer_norms
+    early = {name.split(".")[3] for name in names if name.startswith(("model.layers.0.", "model.layers.1."))}
+    assert early == set(own)  # layers outside the tail train their norms only
+    assert any(name.startswith("model.layers.3.mlp.") for name in names)  # the tail layer in full
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -442,11 +463,12 @@ def test_a_task_without_its_data_fails_in_one_line_before_any_training(llama_dir
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("plan, works", [("qv", False), ("norm", True), ("tail", True)])
+@pytest.mark.parametrize("plan, works", [("wide", False), ("qv", True), ("tail", True)])
 def test_a_lora_plan_a_family_cannot_take_is_refused_before_any_weights_load(plan, works, tiny_models, text_file,
                                                                              held_out, tmp_path, capsys):
-    best = chromosome(tmp_path, SKIP_ONLY, tiny_models["phi3"], text_file)  # fused qkv_proj and gate_up_proj
-    argv = options(best, tmp_path / "out", text_file, held_out, "--plan", plan, "--steps", "3", "--no-efficiency")
+    best = chromosome(tmp_path, SKIP_ONLY, tiny_models["mixtral"], text_file)  # experts: no gate_proj
+    argv = options(best, tmp_path / "out", text_file, held_out, "--plan", plan, "--steps", "3", "--no-efficiency",
+                   "--repair", "none")
     if works:
         assert main(argv) == 0
         return
@@ -454,5 +476,5 @@ def test_a_lora_plan_a_family_cannot_take_is_refused_before_any_weights_load(pla
         main(argv)
     error = capsys.readouterr().err
     assert failure.value.code == 2 and "Traceback" not in error
-    assert "plan qv puts LoRA on q_proj, v_proj, but Phi3ForCausalLM has no q_proj, v_proj" in error
+    assert "plan wide puts LoRA on q_proj, v_proj, o_proj, gate_proj, but MixtralForCausalLM has no gate_proj" in error
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from chromosomes import ChromosomeError
+from evaluators.calibration import norm_parameters
+from evaluators.families import family_of
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from tests.tiny import FAMILIES, MERGEABLE, REPAIRABLE
 
 DENSE = [1, 1, 1, 1, 1, 1]
 POPULATION = [[1, 0, 1, 1, 0, 1], [1, 0, 1, 1, 1, 0], [1, 1, 0, 1, 1, 0], [1, 2, 1, 1, 0, 1], [1, 0, 1, 2, 1, 0]]
@@ -52,19 +55,29 @@ def test_bad_chromosomes_are_refused_before_any_work(evaluator):
         evaluator.evaluate([POPULATION[0], [1, 1, 1, 1, 1]])
 
 
-def test_calibration_changes_fitness_and_restores_every_weight(llama_dir, text_file):
-    plain = make(llama_dir, text_file)
-    calibrated = make(llama_dir, text_file, calib_steps=4, calib_lr=0.05)
-    weights = {name: p.clone() for name, p in calibrated.model.named_parameters()}
-    a, b = POPULATION[0], POPULATION[3]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibration_changes_fitness_and_restores_every_weight(family, tiny_models, text_file):
+    """On every family: A, B, A score the same; calibration trains the family's own layer norms
+    and the final norm, nothing else; every weight is restored bit for bit."""
+    repair = "lsq" if family in REPAIRABLE else "none"
+    cuts = POPULATION if family in MERGEABLE else [g for g in POPULATION if 2 not in g]
+    plain = make(tiny_models[family], text_file, repair=repair)
+    calibrated = make(tiny_models[family], text_file, calib_steps=4, calib_lr=0.05, repair=repair)
+    model = calibrated.model
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    trained = {id(p) for p in norm_parameters(model, calibrated.dense_layers)}
+    norms = {name for name, p in model.named_parameters() if id(p) in trained}
+    own = family_of(model).layer_norms
+    assert norms == {f"model.layers.{i}.{norm}.weight" for i in range(6) for norm in own} | {"model.norm.weight"}
+    a, b = cuts[0], cuts[-1]
     first_a, = calibrated.evaluate([a])
     calibrated.evaluate([b])
     second_a, = calibrated.evaluate([a])
     assert first_a == second_a.__class__(**{**second_a.to_dict(), "seconds": first_a.seconds})
     assert first_a.calibrated
     assert first_a.nll != plain.evaluate([a])[0].nll
-    assert all(torch.equal(p, weights[name]) for name, p in calibrated.model.named_parameters())
-    assert not any(p.requires_grad for p in calibrated.model.parameters())
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_calibration_lowers_perplexity_of_a_damaged_model(llama_dir, text_file):

@@ -13,7 +13,7 @@ from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
 from ga import engine
 from ga.engine import evolve
-from ga.operators import mutate
+from ga.operators import mutate, removed_runs
 from ga.seeding import drop_weights, skip_lowest
 from tests.synthetic import PlantedEvaluator
 
@@ -249,6 +249,31 @@ def test_guided_mutation_removes_layers_in_proportion_to_their_weights():
     child = list(parent)  # every kept layer vital (weights underflowed to 0): still a valid move
     mutate(child, removed=2, merge=False, flip_prob=0.0, rng=rng, drop_weights=[1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
     assert layers_removed(child) == 2 and child != parent
+
+
+def test_seam_moves_never_add_a_run_of_removed_layers_and_join_runs_that_swaps_leave_apart():
+    rng = random.Random(0)
+    parent = [1, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 0, 1, 1, 1]  # 4 runs
+    joined = Counter()
+    for seam_prob, counts in ((1.0, joined), (0.0, Counter())):
+        for _ in range(2000):
+            child = list(parent)
+            mutate(child, removed=5, merge=False, flip_prob=0.0, rng=rng, seam_prob=seam_prob)
+            assert layers_removed(child) == 5
+            counts[len(removed_runs(child))] += 1
+        if seam_prob == 1.0:
+            assert max(joined) == 4 and joined[3] > 1100  # never more runs; more than half the moves join two
+        else:
+            assert counts[5] > 200 and counts[3] < 0.6 * joined[3]  # plain swaps also scatter
+    one_run = [0, 0, 0, 1, 1, 1]  # the run can only slide right: the move exists and keeps one run
+    for _ in range(50):
+        child = list(one_run)
+        mutate(child, removed=3, merge=False, flip_prob=0.0, rng=rng, seam_prob=1.0)
+        assert removed_runs(child) == [(1, 3)]
+    single = [1, 1, 0, 1, 1]  # no seam move for a single removed layer: a plain swap instead
+    child = list(single)
+    mutate(child, removed=1, merge=False, flip_prob=0.0, rng=rng, seam_prob=1.0)
+    assert layers_removed(child) == 1 and child != single
 
 
 def test_importance_seeding_steers_mutation_away_from_vital_layers(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from chromosomes import blocks
 from evaluators.fitness import EvaluatorConfig, Fitness, ModelEvaluator, WORST_LOSS, finite_loss
+from evaluators.families import FAMILIES
 from evaluators.repair import NormalEquations, RepairError, seam_targets, with_output_map
 from evaluators.surgery import LayerStack, layer_view
 
@@ -58,7 +59,7 @@ def test_folding_the_map_into_down_proj_multiplies_the_mlp_output(llama_dir):
     model, _ = load_model(str(llama_dir))
     layer = model.model.layers[1]
     transform = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 6
-    folded = with_output_map(layer, transform)
+    folded = with_output_map(layer, transform, FAMILIES["llama"])
     x = torch.randn(3, 7, 32)
     assert torch.allclose(folded.mlp(x), layer.mlp(x) @ transform, atol=1e-5)
     assert folded.self_attn is layer.self_attn and folded.mlp.down_proj is not layer.mlp.down_proj
@@ -144,9 +145,9 @@ def test_a_non_finite_loss_is_recorded_as_the_worst_finite_value():
 
 
 def test_a_layer_without_down_proj_is_refused_with_a_message():
-    with pytest.raises(RepairError, match="mlp.down_proj.*--repair none"):
+    with pytest.raises(RepairError, match="has no mlp.down_proj linear layer.*--repair none"):
         from evaluators.repair import mlp_output_projection
-        mlp_output_projection(torch.nn.Linear(2, 2))
+        mlp_output_projection(torch.nn.Linear(2, 2), FAMILIES["llama"])
 
 
 @pytest.mark.parametrize("repair", ["none", "lsq"])
@@ -181,16 +182,18 @@ def test_the_fit_cache_keeps_within_its_byte_budget(llama_dir, text_file):
 
 
 @pytest.mark.parametrize("family, reason", [
-    ("gemma2", "do not add the MLP output to the residual stream as it is"),
-    ("gemma3", "do not add the MLP output to the residual stream as it is"),
-    ("mixtral", "has no mlp.down_proj linear layer"),
-    ("olmo2", "do not add the MLP output to the residual stream as it is"),
+    ("gemma2", r"a norm \(post_feedforward_layernorm\) follows its MLP"),
+    ("gemma3", r"a norm \(post_feedforward_layernorm\) follows its MLP"),
+    ("mixtral", "its MLP is a mixture of experts"),
+    ("qwen3_moe", "its MLP is a mixture of experts"),
+    ("olmo2", r"a norm \(post_feedforward_layernorm\) follows its MLP"),
     ("granite", "do not add the MLP output to the residual stream as it is"),
 ])
 def test_a_family_whose_mlp_output_cannot_carry_the_map_is_refused_by_name(family, reason, tiny_models, text_file):
-    """Gemma's and OLMo 2's post-feedforward norms and Granite's residual multiplier sit between the
-    MLP and the residual stream, so a map folded into down_proj would not move the layer output
-    as the fit assumes; Mixtral's experts keep their output projections as one stacked tensor."""
+    """Gemma's and OLMo 2's post-feedforward norms (declared by their family) and Granite's residual
+    multiplier (found by the layout check) sit between the MLP and the residual stream, so a map
+    folded into down_proj would not move the layer output as the fit assumes; a mixture of experts
+    has no single output projection."""
     evaluator = make(tiny_models[family], text_file)
     with pytest.raises(RepairError, match=rf"{reason}.*--repair none"):
         evaluator.evaluate([[1, 0, 1, 1, 0, 1]])

@@ -14,7 +14,7 @@ from transformers import (
     Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM,
     LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
     Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
 
 COMMON = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -27,22 +27,25 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
     # Norms that scale by 1 + w and sit around each sub-layer (four per layer), sliding and
-    # global layers, eager attention only (Gemma 2): skip/keep work; merging and seam repair,
-    # which assume Llama's layout, are refused.
+    # global layers, eager attention only (Gemma 2): merging folds 1 + w; seam repair is
+    # refused (a norm follows the MLP).
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 16}),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 16}),
-    # A mixture of experts (experts as stacked 3-d weights): skip/keep only.
+    # Mixtures of experts (experts as stacked 3-d weights): skip/keep only.
     "mixtral": (MixtralConfig, MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    # Fused qkv_proj and gate_up_proj: merging is refused, seam repair works (down_proj as Llama's).
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, {"num_experts": 4, "num_experts_per_tok": 2,
+                                                        "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+    # Fused qkv_proj and gate_up_proj: merging splits and joins them, seam repair works.
     "phi3": (Phi3Config, Phi3ForCausalLM, {}),
-    # Norms after attention and MLP (no input norm) and q/k norms: skip/keep only.
+    # Norms after attention and MLP (no input norm) and q/k norms over all heads: merging
+    # permutes the q/k norms with their heads; seam repair is refused (a norm follows the MLP).
     "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
     # Llama's layout with multipliers: the MLP output is scaled before it joins the residual
-    # stream, so seam repair is refused; merging works.
+    # stream, so seam repair is refused (measured, not declared); merging works.
     "granite": (GraniteConfig, GraniteForCausalLM, {"residual_multiplier": 0.5, "embedding_multiplier": 2.0,
                                                     "logits_scaling": 2.0, "attention_multiplier": 0.2}),
 }
-MERGEABLE = ("llama", "mistral", "qwen2", "qwen3", "granite")
+MERGEABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")
 REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
