@@ -98,7 +98,8 @@ def ga_method(init: str, merge: bool = True) -> Method:
         state = evolve(bench.evaluator, config, RunFolder(Path(a.work) / name), progress=False)
         genes, fitness = state.best()
         return {"genes": genes, "fitness": fitness.value, "evaluations": evaluations_spent(
-                state, config, bench.evaluator.describe()), "generations": state.generation}
+                state, config, bench.evaluator.describe()), "generations": state.generation,
+                "search": config.to_dict()}
     return search
 
 

@@ -24,6 +24,7 @@ class SearchConfig(Settings):
     cx_prob: float = field(default=0.7, metadata={"help": "probability that a pair of parents is crossed"})
     mut_prob: float = field(default=0.5, metadata={"help": "probability that an offspring is mutated"})
     flip_prob: float = field(default=0.3, metadata={"help": "share of mutations that flip SKIP<->MERGE instead of moving a removed layer"})
+    seam_prob: float = field(default=0.5, metadata={"help": "share of moves that never add a seam: a removed layer at the end of a run comes back and a kept layer beside a run goes (cuts in few runs repair best); the rest swap anywhere"})
     tournament: int = field(default=3, metadata={"help": "tournament size for parent selection"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
     init: str = field(default="importance", metadata={"help": "initial population: importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); random"})
@@ -40,7 +41,7 @@ class SearchConfig(Settings):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.pop < 2:
             raise ValueError(f"pop must be at least 2, got {self.pop}")
-        for name in ("cx_prob", "mut_prob", "flip_prob"):
+        for name in ("cx_prob", "mut_prob", "flip_prob", "seam_prob"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")

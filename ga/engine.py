@@ -65,7 +65,7 @@ def build_toolbox(search: SearchConfig, num_layers: int, removed: int,
     toolbox.register("individual", lambda: Individual(random_chromosome(num_layers, removed, random, search.merge)))
     toolbox.register("mate", crossover, removed=removed, merge=search.merge, rng=random)
     toolbox.register("mutate", mutate, removed=removed, merge=search.merge, flip_prob=search.flip_prob, rng=random,
-                     drop_weights=weights)
+                     drop_weights=weights, seam_prob=search.seam_prob)
     toolbox.register("select", tools.selTournament, tournsize=search.tournament)
     return toolbox
 

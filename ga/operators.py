@@ -18,9 +18,46 @@ def _write(individual: MutableSequence[int], genes: list[int]) -> None:
     individual[:] = genes
 
 
+def removed_runs(genes: Sequence[int]) -> list[tuple[int, int]]:
+    """(first, last) of each maximal run of neighbouring removed layers: the seams a repair closes."""
+    runs: list[tuple[int, int]] = []
+    for i, gene in enumerate(genes):
+        if gene == Gene.KEEP:
+            continue
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def seam_move(genes: list[int], rng: random.Random, weights: Sequence[float] | None) -> tuple[int, int] | None:
+    """(i, j): give back a removed layer at the end of a run, remove a kept layer beside another
+    run (or beside the far end of the same run: the run slides).
+
+    Neither half splits a run, so the cut never gains a seam, and it loses one when `i` was a
+    run of its own or `j` bridges two runs. Under seam repair, cuts with fewer runs of removed
+    layers repair better (median repaired fitness of 8-of-30 cuts: 32.4 with 3 runs, 36.4 with
+    8), and swaps drawn by single-layer cost alone keep the one-shot seed's scattered runs.
+    None when no such move exists (a single removed layer: it can only jump, which a swap does).
+    """
+    runs = removed_runs(genes)
+    sides = {k for first, last in runs for k in (first - 1, last + 1) if 0 <= k < len(genes) and genes[k] == Gene.KEEP}
+    targets = {end: sorted(sides - {end - 1, end + 1}) for run in runs for end in run}
+    movable = sorted(end for end, beside in targets.items() if beside)
+    if not movable:
+        return None
+    i = rng.choice(movable)
+    chances = [weights[k] for k in targets[i]] if weights else []
+    j = rng.choices(targets[i], chances)[0] if sum(chances) > 0 else rng.choice(targets[i])
+    return i, j
+
+
 def mutate(individual: MutableSequence[int], removed: int, merge: bool, flip_prob: float,
-           rng: random.Random, drop_weights: Sequence[float] | None = None) -> tuple[MutableSequence[int]]:
-    """Move one removed position to a kept one (swap), or flip a removed layer SKIP<->MERGE.
+           rng: random.Random, drop_weights: Sequence[float] | None = None,
+           seam_prob: float = 0.0) -> tuple[MutableSequence[int]]:
+    """Flip a removed layer SKIP<->MERGE, or move a removed position to a kept one: with
+    `seam_prob` a move that never adds a seam (seam_move), else a swap anywhere.
 
     With `drop_weights` (one per layer) the kept layer to remove is drawn in proportion to its
     weight, so that moves the one-shot evidence calls hopeless are rarely proposed.
@@ -32,9 +69,13 @@ def mutate(individual: MutableSequence[int], removed: int, merge: bool, flip_pro
         i = rng.choice(dropped)
         genes[i] = Gene.MERGE if genes[i] == Gene.SKIP else Gene.SKIP
     else:
-        i = rng.choice(dropped)
-        weights = [drop_weights[k] for k in kept] if drop_weights else []
-        j = rng.choices(kept, weights)[0] if sum(weights) > 0 else rng.choice(kept)  # none left to prefer: uniform
+        move = seam_move(genes, rng, drop_weights) if seam_prob and rng.random() < seam_prob else None
+        if move:
+            i, j = move
+        else:
+            i = rng.choice(dropped)
+            weights = [drop_weights[k] for k in kept] if drop_weights else []
+            j = rng.choices(kept, weights)[0] if sum(weights) > 0 else rng.choice(kept)  # none left to prefer: uniform
         genes[i], genes[j] = Gene.KEEP, genes[i]
     _write(individual, repair(genes, removed, rng, merge))
     return (individual,)
