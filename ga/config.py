@@ -7,6 +7,14 @@ from chromosomes import budget
 from evaluators.cli import Settings
 
 INITS = ("random", "importance", "influence")
+# Search settings added after runs were saved without them, with the value that reproduces what
+# those runs did: a run saved before seam moves existed resumes with seam moves off.
+ADDED_SINCE: dict[str, object] = {"seam_prob": 0.0}
+
+
+def saved_search(settings: dict) -> dict:
+    """A run's saved search settings, completed with the values it ran with for settings added since."""
+    return {**ADDED_SINCE, **settings}
 
 
 @dataclass

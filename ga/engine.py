@@ -23,7 +23,7 @@ from chromosomes import ChromosomeRecord, from_string, random_chromosome, to_str
 from evaluators.fitness import Evaluator, Fitness
 from ga.board import Board
 from ga.checkpoint import RunError, RunFolder, restore_rng, rng_state_to_json
-from ga.config import SearchConfig
+from ga.config import SearchConfig, saved_search
 from ga.operators import crossover, gene_frequencies, mean_pairwise_hamming, mutate
 from ga.seeding import drop_weights, single_skips, skip_lowest
 
@@ -305,7 +305,7 @@ def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], sear
     if checkpoint["removed"] != removed:
         raise RunError(f"cannot resume: the run removes {checkpoint['removed']} layers, this asks for {removed}")
     extendable = ("gens", "max_evals", "patience")  # a run may be continued further than first planned
-    before = {k: v for k, v in checkpoint["search"].items() if k not in extendable}
+    before = {k: v for k, v in saved_search(checkpoint["search"]).items() if k not in extendable}
     now = {k: v for k, v in search.to_dict().items() if k not in extendable}
     if before != now:
         changed = sorted(k for k in before if before[k] != now.get(k))

@@ -16,7 +16,7 @@ from evaluators.cli import add_config_arguments, fail, interrupt_status, say, te
 from evaluators.fitness import EvaluatorConfig
 from evaluators.models import ModelLoadError
 from ga.checkpoint import RunError, RunFolder
-from ga.config import SearchConfig
+from ga.config import SearchConfig, saved_search
 from ga.engine import check_screening, evolve, stop_reason
 from ga.summary import build_summary, summary_lines, write_summary
 
@@ -71,9 +71,10 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[RunFolder, dict
     if args.resume:
         folder = RunFolder(args.resume)
         saved = folder.read_config()
-        refuse_changed_settings(args, given, {**saved["search"], **saved["evaluator"]})
+        search = saved_search(saved["search"])
+        refuse_changed_settings(args, given, {**search, **saved["evaluator"]})
         config = {
-            "search": _section(SearchConfig, args, saved["search"], given),
+            "search": _section(SearchConfig, args, search, given),
             "evaluator": _section(EvaluatorConfig, args, saved["evaluator"], given),
             "runtime": {**saved.get("runtime", RUNTIME_DEFAULTS),
                         **{k: getattr(args, k) for k in RUNTIME_DEFAULTS if k in given}},

@@ -120,6 +120,21 @@ def test_resume_refuses_another_budget_or_fitness_and_a_finished_run(tmp_path):
         run(tmp_path, "r", PlantedEvaluator(TARGET), gens=2)
 
 
+def test_a_run_saved_before_seam_moves_resumes_with_them_off(tmp_path):
+    """A setting added since a run was saved takes the value the run ran with (seam moves off):
+    the old run continues exactly, and asking it for seam moves is refused by name."""
+    whole = run(tmp_path, "whole", PlantedEvaluator(TARGET), gens=4, seam_prob=0.0)
+    run(tmp_path, "old", PlantedEvaluator(TARGET), gens=2, seam_prob=0.0)
+    path = tmp_path / "old" / "checkpoint.json"
+    checkpoint = json.loads(path.read_text())
+    del checkpoint["search"]["seam_prob"]  # as written before the setting existed
+    path.write_text(json.dumps(checkpoint))
+    with pytest.raises(RunError, match="search settings differ.*seam_prob"):
+        run(tmp_path, "old", PlantedEvaluator(TARGET), gens=4)
+    resumed = run(tmp_path, "old", PlantedEvaluator(TARGET), gens=4, seam_prob=0.0)
+    assert list(resumed.logbook) == list(whole.logbook)
+
+
 def test_best_json_describes_the_best_individual(tmp_path):
     from chromosomes import ChromosomeRecord
     state = run(tmp_path, "best", PlantedEvaluator(TARGET), gens=4)
