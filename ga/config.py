@@ -14,7 +14,7 @@ ADDED_SINCE: dict[str, object] = {"seam_prob": 0.0}
 
 def saved_search(settings: dict) -> dict:
     """A run's saved search settings, completed with the values it ran with for settings added since."""
-    return {**ADDED_SINCE, **settings}
+    return {**settings, **{name: value for name, value in ADDED_SINCE.items() if name not in settings}}
 
 
 @dataclass
