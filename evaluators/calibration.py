@@ -14,14 +14,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from evaluators.families import family_of
+from evaluators.families import LayerFamily
 from evaluators.perplexity import nll_of_hidden
 
 
-def norm_parameters(model: PreTrainedModel, layers: Sequence[nn.Module]) -> list[nn.Parameter]:
+def norm_parameters(model: PreTrainedModel, layers: Sequence[nn.Module], family: LayerFamily) -> list[nn.Parameter]:
     """The norm weights the calibration may change: each layer's own norms (as its family names
     them) and the final norm. Norms of q and k inside the attention stay fixed."""
-    family = family_of(model)
     params = [family.module(layer, name).weight for layer in layers for name in family.layer_norms]
     params.append(model.model.norm.weight)
     return params
@@ -29,7 +28,7 @@ def norm_parameters(model: PreTrainedModel, layers: Sequence[nn.Module]) -> list
 
 @contextmanager
 def calibrated_norms(
-    model: PreTrainedModel, layers: Sequence[nn.Module], blocks: torch.Tensor,
+    model: PreTrainedModel, layers: Sequence[nn.Module], family: LayerFamily, blocks: torch.Tensor,
     steps: int, batch_size: int, lr: float, max_grad_norm: float = 1.0,
 ) -> Iterator[None]:
     """Within the block, the model (already viewing `layers`) has calibrated norm weights.
@@ -43,7 +42,7 @@ def calibrated_norms(
     its input, so the rest of the model computes as before. The original tensors are put back
     afterwards, bit for bit.
     """
-    params = norm_parameters(model, layers)
+    params = norm_parameters(model, layers, family)
     originals = [p.data for p in params]
     modules = [m for m in model.modules() if any(getattr(m, "weight", None) is p for p in params)]
     hooks = [m.register_forward_hook(lambda _m, args, out: out.to(args[0].dtype)) for m in modules]

@@ -46,7 +46,7 @@ class Geometry:
 
 
 # Role names of the canonical (Llama-shaped) parameter dictionary that merging works on.
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+ROLES = ("attention_norm", "mlp_norm", "q_norm", "k_norm", "q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,9 @@ class LayerFamily:
         if self.qkv:
             self._split(out, self.qkv, {"q": geometry.heads * d, "k": geometry.kv_heads * d, "v": geometry.kv_heads * d})
         if self.gate_up:
-            rows = self._require(out, f"{self.gate_up}.weight").shape[0] // 2
+            rows = self._require(out, f"{self.gate_up}.weight").shape[0] // 2  # gate rows, then as many up rows
             self._split(out, self.gate_up, {"gate": rows, "up": rows})
-        for role in ("attention_norm", "mlp_norm", "q_norm", "k_norm", *PROJECTIONS):
+        for role in ROLES:
             path = getattr(self, role)
             if path is None or (role in ("q", "k", "v") and self.qkv) or (role in ("gate", "up") and self.gate_up):
                 continue
@@ -135,7 +135,7 @@ class LayerFamily:
                 if name in out:
                     out[f"{role}.{kind}"] = out.pop(name)
                 elif kind == "weight":
-                    raise LayoutError(f"{self.name} layers have no {name!r}")
+                    self._require(out, name)
         return out
 
     def from_roles(self, roles: Params) -> Params:
@@ -145,27 +145,25 @@ class LayerFamily:
             self._join(out, self.qkv, ("q", "k", "v"))
         if self.gate_up:
             self._join(out, self.gate_up, ("gate", "up"))
-        for role in ("attention_norm", "mlp_norm", "q_norm", "k_norm", *PROJECTIONS):
+        for role in ROLES:
             path = getattr(self, role)
             for kind in ("weight", "bias"):
                 if f"{role}.{kind}" in out and path is not None:
                     out[f"{path}.{kind}"] = out.pop(f"{role}.{kind}")
         return out
 
-    @staticmethod
-    def _require(params: Params, name: str) -> torch.Tensor:
+    def _require(self, params: Params, name: str) -> torch.Tensor:
         if name not in params:
-            raise LayoutError(f"the layer has no {name!r}")
+            raise LayoutError(f"{self.name} layers have no {name!r}")
         return params[name]
 
     def _split(self, params: Params, path: str, rows: dict[str, int]) -> None:
         for kind in ("weight", "bias"):
             name = f"{path}.{kind}"
-            if name not in params:
-                if kind == "weight":
-                    raise LayoutError(f"{self.name} layers have no {name!r}")
+            if kind == "bias" and name not in params:
                 continue
-            parts = params.pop(name).split(list(rows.values()))
+            parts = self._require(params, name).split(list(rows.values()))
+            del params[name]
             for role, part in zip(rows, parts):
                 params[f"{role}.{kind}"] = part
 
@@ -176,12 +174,11 @@ class LayerFamily:
                 params[f"{path}.{kind}"] = torch.cat([params.pop(f"{role}.{kind}") for role in roles])
 
 
-LLAMA = LayerFamily("llama")
 SANDWICH = dict(attention_output_norm="post_attention_layernorm", mlp_output_norm="post_feedforward_layernorm")
 GEMMA = dict(mlp_norm="pre_feedforward_layernorm", norm_offset=1.0, **SANDWICH)
 QK_NORMS = dict(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 FAMILIES: dict[str, LayerFamily] = {
-    "llama": LLAMA,
+    "llama": LayerFamily("llama"),
     "mistral": LayerFamily("mistral"),
     "qwen2": LayerFamily("qwen2"),
     "qwen3": LayerFamily("qwen3", **QK_NORMS),
@@ -195,12 +192,12 @@ FAMILIES: dict[str, LayerFamily] = {
 }
 
 
-def family_of(model: nn.Module, layer: nn.Module | None = None) -> LayerFamily:
+def family_of(model: nn.Module) -> LayerFamily:
     """The registered family of the model's type, or one read from its first decoder layer."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    return discover(layer if layer is not None else model.model.layers[0], model_type or type(model).__name__)
+    return discover(model.model.layers[0], model_type or type(model).__name__)
 
 
 def discover(layer: nn.Module, name: str) -> LayerFamily:

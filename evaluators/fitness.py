@@ -284,7 +284,7 @@ class ModelEvaluator:
         c = self.config
         if c.calib_steps:
             with layer_view(self.model, stack.modules, stack.layer_types), \
-                    calibrated_norms(self.model, stack.modules, self.split.tune, c.calib_steps, c.calib_batch, c.calib_lr):
+                    calibrated_norms(self.model, stack.modules, self.family, self.split.tune, c.calib_steps, c.calib_batch, c.calib_lr):
                 total, divergence, count = scorer.losses(stack, share=False)
         else:
             total, divergence, count = scorer.losses(stack, share=c.share_prefix)

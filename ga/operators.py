@@ -18,6 +18,13 @@ def _write(individual: MutableSequence[int], genes: list[int]) -> None:
     individual[:] = genes
 
 
+def weighted_choice(layers: Sequence[int], weights: Sequence[float] | None, rng: random.Random) -> int:
+    """One of `layers`, in proportion to its weight (one per layer of the model); uniform without
+    weights, or when every candidate's weight is 0 (none left to prefer)."""
+    chances = [weights[k] for k in layers] if weights else []
+    return rng.choices(layers, chances)[0] if sum(chances) > 0 else rng.choice(layers)
+
+
 def removed_runs(genes: Sequence[int]) -> list[tuple[int, int]]:
     """(first, last) of each maximal run of neighbouring removed layers: the seams a repair closes."""
     runs: list[tuple[int, int]] = []
@@ -48,9 +55,7 @@ def seam_move(genes: list[int], rng: random.Random, weights: Sequence[float] | N
     if not movable:
         return None
     i = rng.choice(movable)
-    chances = [weights[k] for k in targets[i]] if weights else []
-    j = rng.choices(targets[i], chances)[0] if sum(chances) > 0 else rng.choice(targets[i])
-    return i, j
+    return i, weighted_choice(targets[i], weights, rng)
 
 
 def mutate(individual: MutableSequence[int], removed: int, merge: bool, flip_prob: float,
@@ -73,9 +78,7 @@ def mutate(individual: MutableSequence[int], removed: int, merge: bool, flip_pro
         if move:
             i, j = move
         else:
-            i = rng.choice(dropped)
-            weights = [drop_weights[k] for k in kept] if drop_weights else []
-            j = rng.choices(kept, weights)[0] if sum(weights) > 0 else rng.choice(kept)  # none left to prefer: uniform
+            i, j = rng.choice(dropped), weighted_choice(kept, drop_weights, rng)
         genes[i], genes[j] = Gene.KEEP, genes[i]
     _write(individual, repair(genes, removed, rng, merge))
     return (individual,)
