@@ -2,6 +2,8 @@
 
 The file is what the GA hands to the finetuner, so loading it checks everything the
 finetuner would otherwise trip over later: format, version, genes, and the model's depth.
+A width plan (`python -m ga.width`) is the same record with `units`: per kept layer, the
+attention and MLP units it keeps.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chromosomes.genome import ChromosomeError, layers_removed, validate
+from chromosomes.genome import ChromosomeError, blocks, layers_removed, validate
+from chromosomes.width import LayerUnits, check_units
 
 FORMAT = "gaprune.chromosome"
 FORMAT_VERSION = 1
@@ -27,9 +30,12 @@ class ChromosomeRecord:
     num_layers: int
     fitness: dict[str, Any] | None = None  # perplexity, nll, tokens, seq_len, data, calibration
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (run name, seed, ...)
+    units: tuple[LayerUnits, ...] | None = None  # width plan: per kept layer, the units it keeps
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "genes", validate(self.genes, self.num_layers))
+        if self.units is not None:
+            check_units(self.units, len(blocks(self.genes)))
         if self.fitness is not None:
             _check_measurement(self.fitness)
 
@@ -40,6 +46,10 @@ class ChromosomeRecord:
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body["genes"] = list(self.genes)
+        if self.units is None:
+            del body["units"]  # a depth-only chromosome reads as it always did
+        else:
+            body["units"] = [entry.to_dict() for entry in self.units]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **body}
 
     @classmethod
@@ -62,6 +72,9 @@ class ChromosomeRecord:
             raise ChromosomeError(f"{source}: 'num_layers' must be an integer")
         if not isinstance(data["model"], str) or not data["model"]:
             raise ChromosomeError(f"{source}: 'model' must be a non-empty string")
+        units = data.get("units")
+        if units is not None and not isinstance(units, list):
+            raise ChromosomeError(f"{source}: 'units' must be a list with one entry per kept layer")
         try:
             return cls(
                 genes=tuple(data["genes"]),
@@ -69,6 +82,7 @@ class ChromosomeRecord:
                 num_layers=data["num_layers"],
                 fitness=data.get("fitness"),
                 extra=dict(data.get("extra") or {}),
+                units=None if units is None else tuple(LayerUnits.from_dict(e, i) for i, e in enumerate(units)),
             )
         except ChromosomeError as error:
             raise ChromosomeError(f"{source}: {error}") from None

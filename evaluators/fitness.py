@@ -102,7 +102,8 @@ class EvaluatorConfig(Settings):
     merge_rule: str = field(default="mean", metadata={"help": "how aligned layers combine: mean or sum"})
     align: bool = field(default=True, metadata={"help": "align layers (permutations, rotations) before merging"})
     align_tokens: int = field(default=2048, metadata={"help": "calibration tokens for the alignment statistics"})
-    repair: str = field(default="lsq", metadata={"help": "seam repair before scoring: lsq (least-squares map on the MLP output before each cut, folded into down_proj) or none"})
+    repair: str = field(default="lsq", metadata={"help": "seam repair before scoring: lsq (least-squares map on the MLP output before each cut, folded into down_proj), lsq-attn (a map folded into o_proj first, then lsq), scale (LinearPatch-style channel scaling in a rotated basis) or none"})
+    repair_min_run: int = field(default=1, metadata={"help": "repair only the seams where at least this many consecutive layers were removed"})
     repair_tokens: int = field(default=32768, metadata={"help": "calibration tokens (disjoint from the scoring ones) for the seam repair statistics"})
     repair_inputs: str = field(default="dense", metadata={"help": "what each seam's map is fitted on: dense (the dense model's activations, so a fit is shared by every chromosome with that seam: about 1.5x an unrepaired evaluation) or pruned (the cut model's own, earlier seams repaired: better on deep cuts, one forward over the repair tokens per new chromosome)"})
     repair_ridge: float = field(default=1e-3, metadata={"help": "seam repair ridge, relative to the mean diagonal of X^T X (shrinks the map towards the identity)"})
@@ -111,7 +112,8 @@ class EvaluatorConfig(Settings):
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: leave torch's default)"})
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "align_tokens", "repair_tokens")
+        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "align_tokens", "repair_tokens",
+                    "repair_min_run")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -189,8 +191,11 @@ class ModelEvaluator:
         c = self.config
         if c.repair == "none":
             return {"method": "none"}
-        return {"method": c.repair, "tokens": c.repair_blocks * c.seq_len, "ridge": c.repair_ridge,
-                "inputs": c.repair_inputs}
+        settings = {"method": c.repair, "tokens": c.repair_blocks * c.seq_len, "ridge": c.repair_ridge,
+                    "inputs": c.repair_inputs}
+        # min_run only where it filters seams: runs that repair every seam (all runs saved before
+        # the option existed) keep the record they resume against
+        return settings | ({"min_run": c.repair_min_run} if c.repair_min_run > 1 else {})
 
     def block_influence(self) -> list[float]:
         return block_influence(self.model, self.dense_layers, self.split.score, self.config.batch_size)
@@ -219,7 +224,7 @@ class ModelEvaluator:
         if self._repairer is None:
             self._repairer = SeamRepairer(self.model, self.dense_layers, self.split.tune[: self.config.repair_blocks],
                                           self.config.batch_size, self.family, self.config.repair_ridge,
-                                          self.config.repair_inputs)
+                                          self.config.repair_inputs, self.config.repair, self.config.repair_min_run)
         return self._repairer
 
     def raw_stack(self, genes: Sequence[int]) -> LayerStack:

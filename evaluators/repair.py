@@ -14,6 +14,15 @@ never with the number of tokens. Every token counts, the first of each window to
 that attention-sink token out let the map corrupt it, and perplexity rose (473 against 53.6
 unrepaired, SmolLM2-135M, 8 of 30 layers).
 
+Variants (`--repair`; experiments/repair_variants chose `lsq` on dev text):
+- `lsq`: the full map above, folded into down_proj;
+- `lsq-attn`: first a map on the attention output, folded into o_proj, then, on the layer as
+  it now computes, the map on the MLP output (each stage closed form);
+- `scale`: LinearPatch-style, a channel scaling in a rotated basis, T = Q diag(d) Q^T with Q a
+  fixed random orthogonal matrix (the rotation spreads outlier channels; a Hadamard matrix
+  does the same where the hidden size allows one): hidden values to fit instead of hidden^2.
+`--repair-min-run N` repairs only the seams where at least N layers were removed.
+
 A seam is fitted on the dense model's input to its block (`dense`: a fit depends on the block
 and its target alone, so a search shares it among chromosomes) or on the cut model's own
 input, earlier seams already repaired (`pruned`: a fit depends on the stack's prefix, and
@@ -33,7 +42,7 @@ from evaluators.families import LayerFamily, LayoutError
 from evaluators.perplexity import Replay
 from evaluators.surgery import LayerStack, layer_view
 
-REPAIRS: tuple[str, ...] = ("none", "lsq")
+REPAIRS: tuple[str, ...] = ("none", "lsq", "lsq-attn", "scale")
 REPAIR_INPUTS: tuple[str, ...] = ("pruned", "dense")
 PROBE_TOKENS = 32  # tokens the layout check runs on
 
@@ -54,14 +63,15 @@ class RepairedLayer:
     target: int
 
 
-def seam_targets(stack: LayerStack, num_layers: int) -> list[tuple[int, int]]:
-    """(position in the stack, dense layer to imitate) for every kept block followed by removed layers.
+def seam_targets(stack: LayerStack, num_layers: int, min_run: int = 1) -> list[tuple[int, int]]:
+    """(position in the stack, dense layer to imitate) for every kept block followed by at least
+    `min_run` removed layers.
 
     The target is the last dense layer before the next kept block's anchor (or the model's last
     layer); layers merged into the block count as removed, since the fused layer is not them.
     """
     anchors = [block.anchor for block in stack.plan] + [num_layers]
-    return [(k, anchors[k + 1] - 1) for k in range(len(stack.plan)) if anchors[k + 1] - 1 > anchors[k]]
+    return [(k, anchors[k + 1] - 1) for k in range(len(stack.plan)) if anchors[k + 1] - 1 - anchors[k] >= min_run]
 
 
 def mlp_output_projection(layer: nn.Module, family: LayerFamily) -> nn.Linear:
@@ -83,13 +93,30 @@ def mlp_output_projection(layer: nn.Module, family: LayerFamily) -> nn.Linear:
     return projection
 
 
-def with_output_map(layer: nn.Module, transform: torch.Tensor, family: LayerFamily) -> nn.Module:
-    """A copy of the layer whose MLP output is multiplied by `transform` [H, H] (down_proj W <- T^T W).
+def output_projection(layer: nn.Module, family: LayerFamily, path: str) -> nn.Linear:
+    """The linear map at `path` (down_proj, or o_proj for lsq-attn) that writes into the residual stream."""
+    projection = mlp_output_projection(layer, family)
+    if path == family.down:
+        return projection
+    try:
+        projection = family.module(layer, path)
+    except LayoutError:
+        projection = None
+    if not isinstance(projection, nn.Linear):
+        raise RepairError(f"{type(layer).__name__} has no {path} linear layer: this seam repair needs one "
+                          "(use --repair lsq)")
+    return projection
 
-    Only the MLP and its down_proj are new objects; every other submodule is the dense layer's own,
-    so a repaired view costs one hidden x intermediate matrix, not a whole layer.
+
+def with_output_map(layer: nn.Module, transform: torch.Tensor, family: LayerFamily, path: str | None = None) -> nn.Module:
+    """A copy of the layer whose projection at `path` (default down_proj) has its output multiplied
+    by `transform` [H, H] (W <- T^T W).
+
+    Only the modules on the way to that projection are new objects; every other submodule is the
+    dense layer's own, so a repaired view costs one hidden x intermediate matrix, not a whole layer.
     """
-    down = mlp_output_projection(layer, family)
+    path = path or family.down
+    down = output_projection(layer, family, path)
     t = transform.to(torch.float64)
     new_down = nn.Linear(down.in_features, down.out_features, bias=down.bias is not None,
                          device=down.weight.device, dtype=down.weight.dtype)
@@ -98,7 +125,7 @@ def with_output_map(layer: nn.Module, transform: torch.Tensor, family: LayerFami
         if down.bias is not None:
             new_down.bias.copy_((t.T @ down.bias.double()).to(down.bias.dtype))
     new_down.requires_grad_(False)
-    return family.replaced(layer, family.down, new_down)
+    return family.replaced(layer, path, new_down)
 
 
 @torch.no_grad()
@@ -157,29 +184,61 @@ class NormalEquations:
         """T, shrunk towards the identity; ridge is relative to the mean diagonal of X^T X."""
         size = self.xx.shape[0]
         eye = torch.eye(size, dtype=torch.float64, device=self.xx.device)
-        strength = ridge * float(torch.diagonal(self.xx).mean()) + 1e-12
-        return torch.linalg.solve(self.xx + strength * eye, self.xy + strength * eye)
+        return torch.linalg.solve(self.xx + self._strength(ridge) * eye, self.xy + self._strength(ridge) * eye)
+
+    def solve_scaling(self, ridge: float, rotation: torch.Tensor) -> torch.Tensor:
+        """T = Q diag(d) Q^T: the best channel scaling d in the basis of Q's columns, shrunk towards 1.
+
+        With X~ = X Q and Y~ = Y Q the problem separates by channel, d_j = <x~_j, y~_j> / <x~_j, x~_j>,
+        and both inner products are diagonals of the accumulated matrices, so no token is revisited.
+        """
+        q = rotation.to(self.xx)
+        gram = torch.einsum("ij,ik,kj->j", q, self.xx, q)  # diag(Q^T X^T X Q)
+        cross = torch.einsum("ij,ik,kj->j", q, self.xy, q)  # diag(Q^T X^T Y Q)
+        strength = self._strength(ridge)
+        return (q * ((cross + strength) / (gram + strength))) @ q.T
+
+    def _strength(self, ridge: float) -> float:
+        """The ridge relative to the mean diagonal of X^T X, so it means the same at every scale."""
+        return ridge * float(torch.diagonal(self.xx).mean()) + 1e-12
+
+
+def random_rotation(size: int, seed: int = 0) -> torch.Tensor:
+    """A fixed random orthogonal matrix (QR of a seeded Gaussian, signs made unique), fp64."""
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
 
 
 class SeamRepairer:
     """Fits and caches seam repairs of layer stacks on fixed calibration blocks."""
 
     def __init__(self, model: PreTrainedModel, dense_layers: Sequence[nn.Module], blocks: torch.Tensor,
-                 batch_size: int, family: LayerFamily, ridge: float = 1e-3, inputs: str = "pruned", cache_bytes: int = CACHE_BYTES):
+                 batch_size: int, family: LayerFamily, ridge: float = 1e-3, inputs: str = "pruned",
+                 method: str = "lsq", min_run: int = 1, cache_bytes: int = CACHE_BYTES):
         if ridge < 0:
             raise RepairError(f"ridge must not be negative, got {ridge}")
+        if method not in REPAIRS or method == "none":
+            raise RepairError(f"repair method must be one of {', '.join(REPAIRS[1:])}, got {method!r}")
+        if min_run < 1:
+            raise RepairError(f"min_run must be at least 1, got {min_run}")
+        if inputs not in REPAIR_INPUTS:
+            raise RepairError(f"repair inputs must be one of {', '.join(REPAIR_INPUTS)}, got {inputs!r}")
+        self.paths = (family.o, family.down) if method == "lsq-attn" else (family.down,)
         for layer in dense_layers:
-            mlp_output_projection(layer, family)  # refuse an unsupported layout before any work
+            for path in self.paths:  # refuse an unsupported layout before any work
+                output_projection(layer, family, path)
         check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS], family)
         self.model = model
         self.family = family
         self.dense_layers = list(dense_layers)
         self.blocks = blocks
         self.batch_size = batch_size
-        if inputs not in REPAIR_INPUTS:
-            raise RepairError(f"repair inputs must be one of {', '.join(REPAIR_INPUTS)}, got {inputs!r}")
         self.ridge = ridge
         self.inputs = inputs
+        self.method = method
+        self.min_run = min_run
+        self.rotation = random_rotation(model.config.hidden_size) if method == "scale" else None
         self.cache_bytes = cache_bytes
         self._cached_bytes = 0
         self.device = next(model.parameters()).device
@@ -220,7 +279,7 @@ class SeamRepairer:
         tokens. With dense inputs, a seam is fitted on the dense model's input to its block, so a
         fit depends only on (block, target) and a search soon has every fit it needs cached.
         """
-        seams = seam_targets(stack, len(self.dense_layers))
+        seams = seam_targets(stack, len(self.dense_layers), self.min_run)
         dense_inputs = self.inputs == "dense"
         modules, keys = list(stack.modules), list(stack.keys)
         state: list[torch.Tensor] | None = None  # output of the last repaired seam, per batch
@@ -252,31 +311,42 @@ class SeamRepairer:
     @torch.no_grad()
     def _fit(self, segment: list[nn.Module], stack: LayerStack, start: int, state: list[torch.Tensor] | None,
              target: int) -> tuple[nn.Module, list[torch.Tensor]]:
-        """Run `segment` (ending with the block to repair) from `state`, fit its output map, fold it.
+        """Run `segment` (ending with the block to repair) from `state`, fit its output maps, fold them.
 
-        Returns the repaired module and its output on every batch, the next segment's start.
+        Each map (o_proj's, then down_proj's for lsq-attn) is fitted on the layer as the maps
+        before it left it, so the last fit sees exactly what the repaired layer computes. Returns
+        the repaired module and its output on every batch, the next segment's start.
         """
-        layer = segment[-1]
         dense = self.dense_states()[target + 1]
-        hidden = self.model.config.hidden_size
-        equations = NormalEquations(hidden, self.device)
-        outputs, mlp_outputs = [], []
-        for batch, ids in enumerate(self._batches()):
-            out, mlp_out = self._run(ids, segment, stack, start, None if state is None else state[batch])
-            h_mid = out - mlp_out
-            equations.add(mlp_out, dense[batch] - h_mid)
-            outputs.append(h_mid)
-            mlp_outputs.append(mlp_out)
-        transform = equations.solve(self.ridge)
-        if not torch.isfinite(transform).all():  # non-finite activations (a broken model): leave the seam as cut
-            transform = torch.eye(hidden, dtype=transform.dtype, device=transform.device)
-        t = transform.to(mlp_outputs[0].dtype)
-        repaired_out = [h_mid + mlp_out @ t for h_mid, mlp_out in zip(outputs, mlp_outputs)]
-        return with_output_map(layer, transform, self.family), repaired_out
+        layer, outputs = segment[-1], []
+        for path in self.paths:
+            equations = NormalEquations(self.model.config.hidden_size, self.device)
+            outputs, writes = [], []
+            for batch, ids in enumerate(self._batches()):
+                out, written = self._run(ids, [*segment[:-1], layer], stack, start,
+                                         None if state is None else state[batch], path)
+                rest = out - written  # what the layer adds besides this projection's output
+                equations.add(written, dense[batch] - rest)
+                outputs.append(rest)
+                writes.append(written)
+            transform = self._solve(equations)
+            layer = with_output_map(layer, transform, self.family, path)
+        t = transform.to(writes[0].dtype)
+        return layer, [rest + written @ t for rest, written in zip(outputs, writes)]
+
+    def _solve(self, equations: NormalEquations) -> torch.Tensor:
+        """The configured map; the identity (the seam left as cut) if activations were not finite."""
+        if self.rotation is not None:
+            transform = equations.solve_scaling(self.ridge, self.rotation)
+        else:
+            transform = equations.solve(self.ridge)
+        if not torch.isfinite(transform).all():
+            transform = torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
+        return transform
 
     def _run(self, ids: torch.Tensor, segment: list[nn.Module], stack: LayerStack, start: int,
-             state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output of the segment's last layer, and of that layer's MLP, on one batch."""
+             state: torch.Tensor | None, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output of the segment's last layer, and of that layer's projection at `path`, on one batch."""
         modules, types = list(segment), None
         if stack.layer_types is not None:
             types = list(stack.layer_types[start:start + len(segment)])
@@ -287,16 +357,17 @@ class SeamRepairer:
         captured: dict[str, torch.Tensor] = {}
         last = segment[-1]
         hooks = [last.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out)),
-                 self.family.module(last, self.family.mlp).register_forward_hook(
-                     lambda _m, _a, out: captured.__setitem__("mlp", out))]
+                 self.family.module(last, path).register_forward_hook(
+                     lambda _m, _a, out: captured.__setitem__("written", out))]
         try:
             with layer_view(self.model, modules, types):
                 self.model.model(input_ids=ids, use_cache=False)
         finally:
             for hook in hooks:
                 hook.remove()
-        return captured["out"], captured["mlp"]
+        out = captured["out"]
+        return (out[0] if isinstance(out, tuple) else out), captured["written"]
 
     def _entry_bytes(self, module: nn.Module, state: list[torch.Tensor]) -> int:
-        weight = mlp_output_projection(module, self.family).weight
-        return weight.numel() * weight.element_size() + sum(t.numel() * t.element_size() for t in state)
+        weights = [output_projection(module, self.family, path).weight for path in self.paths]
+        return sum(t.numel() * t.element_size() for t in [*weights, *state])

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seq_len = args.seq_len or definition["seq_len"]
     repair = definition.get("repair") or {"method": "none"}  # runs older than seam repair scored raw cuts
     settings = {} if repair["method"] == "none" else {"repair_tokens": repair["tokens"], "repair_ridge": repair["ridge"],
-                                                       "repair_inputs": repair["inputs"]}
+                                                       "repair_inputs": repair["inputs"], "repair_min_run": repair.get("min_run", 1)}
     config = EvaluatorConfig(model=definition["model"], data=definition["data"], data_dir=args.data_dir,
                              seq_len=seq_len, score_tokens=args.windows * seq_len, threads=args.threads,
                              repair=repair["method"], **settings)

@@ -1,5 +1,8 @@
 """Which seam repair to use by default, chosen on dev text (never on test).
 
+The variants: how many tokens and how much ridge; dense or pruned inputs; maps in o_proj too
+(lsq-attn); a LinearPatch-style rotated channel scaling (scale); only the longer seams.
+
 For fixed chromosomes (the one-shot removal-importance pick at 8 of 30 and the best 12-of-30
 chromosome the earlier searches found), each repair variant is fitted on the calibration text
 and measured on the dev texts (the second half of WikiText-2 tokenized validation and PTB
@@ -36,6 +39,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lsq 16k ridge 1e-2": {"repair_tokens": 16384, "repair_ridge": 1e-2},
     "lsq 32k ridge 1e-3": {"repair_tokens": 32768, "repair_ridge": 1e-3},
     "lsq 32k ridge 1e-3 dense inputs": {"repair_tokens": 32768, "repair_ridge": 1e-3, "repair_inputs": "dense"},
+    # the default above, changed in one way each
+    "lsq-attn 32k dense inputs": {"repair": "lsq-attn", "repair_tokens": 32768, "repair_inputs": "dense"},
+    "scale 32k dense inputs": {"repair": "scale", "repair_tokens": 32768, "repair_inputs": "dense"},
+    "lsq 32k dense inputs, runs of 2+": {"repair_tokens": 32768, "repair_inputs": "dense", "repair_min_run": 2},
+    "lsq 32k dense inputs, runs of 3+": {"repair_tokens": 32768, "repair_inputs": "dense", "repair_min_run": 3},
 }
 
 

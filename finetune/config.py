@@ -71,7 +71,7 @@ class HealConfig(Settings):
                                                          "export: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
                                                          "float16; trained weights stay fp32 until the export"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
-    repair: str | None = field(default=None, metadata={"help": "seam repair of the compact model: lsq or none "
+    repair: str | None = field(default=None, metadata={"help": "seam repair of the compact model: lsq, lsq-attn, scale or none "
                                                                "(default: as the chromosome file records, lsq "
                                                                "for a file that records none)"})
     tasks: str = field(default="", metadata={"help": "lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from chromosomes import blocks
 from evaluators.fitness import EvaluatorConfig, Fitness, ModelEvaluator, WORST_LOSS, finite_loss
 from evaluators.families import FAMILIES
-from evaluators.repair import NormalEquations, RepairError, seam_targets, with_output_map
+from evaluators.repair import NormalEquations, RepairError, random_rotation, seam_targets, with_output_map
 from evaluators.surgery import LayerStack, layer_view
 
 SKIPS = [1, 0, 0, 1, 1, 0]  # two seams: after layer 0 (to 2) and after layer 4 (to 5)
@@ -42,6 +42,16 @@ def test_every_kept_block_followed_by_removed_layers_is_a_seam(genes, seams):
     assert seam_targets(plan_stack(genes), len(genes)) == seams
 
 
+@pytest.mark.parametrize("genes, min_run, seams", [
+    ([1, 0, 0, 1, 1, 0], 2, [(0, 2)]),  # the run of one after layer 4 is left as cut
+    ([1, 0, 0, 1, 1, 0], 3, []),
+    ([1, 2, 1, 0, 1, 1], 2, []),  # a merged layer counts as removed: both seams are runs of one
+    ([1, 2, 0, 1, 1, 1], 2, [(0, 2)]),
+])
+def test_only_long_runs_are_seams_when_asked(genes, min_run, seams):
+    assert seam_targets(plan_stack(genes), len(genes), min_run) == seams
+
+
 def test_the_fit_solves_the_ridge_problem_and_shrinks_to_the_identity():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=generator, dtype=torch.float64)
@@ -52,6 +62,28 @@ def test_the_fit_solves_the_ridge_problem_and_shrinks_to_the_identity():
     assert equations.rows == 500 and equations.xx.shape == (6, 6)  # memory: hidden^2, never tokens
     assert torch.allclose(equations.solve(0.0), truth, atol=1e-8)
     assert torch.allclose(equations.solve(1e8), torch.eye(6, dtype=torch.float64), atol=1e-4)
+
+
+def test_the_scaling_fit_recovers_a_scaling_in_the_rotated_basis_and_is_the_best_one():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.5, 3, 8, dtype=torch.float64)
+    q = random_rotation(8)
+    assert torch.allclose(q.T @ q, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    truth = q @ torch.diag(torch.linspace(0.2, 2.0, 8, dtype=torch.float64)) @ q.T
+    equations = NormalEquations(8, torch.device("cpu"))
+    equations.add(x, x @ truth)
+    assert torch.allclose(equations.solve_scaling(0.0, q), truth, atol=1e-8)
+    assert torch.allclose(equations.solve_scaling(1e8, q), torch.eye(8, dtype=torch.float64), atol=1e-4)
+    # on a map that is not a scaling, no other scaling in that basis fits better
+    other = torch.randn(8, 8, generator=generator, dtype=torch.float64)
+    noisy = NormalEquations(8, torch.device("cpu"))
+    noisy.add(x, x @ other)
+    best = noisy.solve_scaling(0.0, q)
+    error = lambda t: float((x @ t - x @ other).pow(2).sum())
+    for step in (1e-3, -1e-3):
+        for j in range(8):
+            nudged = q @ torch.diag((q.T @ best @ q).diagonal() + step * (torch.arange(8) == j)) @ q.T
+            assert error(best) <= error(nudged)
 
 
 def test_folding_the_map_into_down_proj_multiplies_the_mlp_output(llama_dir):
@@ -67,10 +99,11 @@ def test_folding_the_map_into_down_proj_multiplies_the_mlp_output(llama_dir):
 
 
 @pytest.mark.parametrize("genes", [SKIPS, MERGED], ids=["skip", "merge"])
-@pytest.mark.parametrize("inputs", ["pruned", "dense"])
-def test_a_repaired_seam_matches_the_dense_state_better_than_the_raw_cut(llama_dir, text_file, genes, inputs):
+@pytest.mark.parametrize("inputs, method", [("pruned", "lsq"), ("dense", "lsq"), ("pruned", "lsq-attn"),
+                                            ("pruned", "scale")])
+def test_a_repaired_seam_matches_the_dense_state_better_than_the_raw_cut(llama_dir, text_file, genes, inputs, method):
     """On the repair statistics, the repaired block's output is nearer the dense one than the raw cut's."""
-    repaired = make(llama_dir, text_file, repair_inputs=inputs)
+    repaired = make(llama_dir, text_file, repair_inputs=inputs, repair=method)
     repairer = repaired.repairer
     raw = repaired.raw_stack(genes)
     fixed = repaired.stack(genes)
@@ -85,7 +118,16 @@ def test_a_repaired_seam_matches_the_dense_state_better_than_the_raw_cut(llama_d
                     repaired.model.model(input_ids=batch, use_cache=False)
             hook.remove()
             errors.append(sum(float((o - d).pow(2).sum()) for o, d in zip(outputs, dense[target + 1])))
-        assert errors[1] < 0.9 * errors[0], errors
+        # the scaling has hidden values to fit, not hidden^2: it only has to beat the raw cut (d = 1)
+        assert errors[1] < (1.0 if method == "scale" else 0.9) * errors[0], errors
+
+
+def test_lsq_attn_folds_a_map_into_o_proj_too_and_fits_the_mlp_map_after_it(llama_dir, text_file):
+    plain, attn = (make(llama_dir, text_file, repair_inputs="dense", repair=m).stack(SKIPS) for m in ("lsq", "lsq-attn"))
+    dense = make(llama_dir, text_file, repair="none").stack(SKIPS)
+    o, down = (lambda s: s.modules[0].self_attn.o_proj.weight), (lambda s: s.modules[0].mlp.down_proj.weight)
+    assert torch.equal(o(plain), o(dense)) and not torch.equal(o(attn), o(dense))
+    assert not torch.equal(down(attn), down(plain))  # fitted on the layer with its new attention output
 
 
 def test_repair_brings_the_cut_model_closer_to_the_dense_one_on_scoring_text(llama_dir, text_file):
