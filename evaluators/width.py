@@ -281,14 +281,14 @@ def uniform_widths(units: Sequence[LayerUnits]) -> tuple[int, int] | None:
     return None
 
 
-def save_width_pruned(model: PreTrainedModel, units: Sequence[LayerUnits], folder: Path) -> str:
-    """Save a width-pruned model into `folder`; returns how it loads.
+def save_pruned(model: PreTrainedModel, units: Sequence[LayerUnits] | None, folder: Path) -> str:
+    """Save a compact model into `folder` and say what loads it.
 
-    Uniform widths: a plain Hugging Face folder (the config says the new widths). Otherwise the
-    weights as safetensors with the per-layer widths beside the base config, for
-    `load_width_pruned`.
+    Depth-only or uniform widths: a plain Hugging Face folder (the config says the widths),
+    "transformers". Otherwise the weights as safetensors with the per-layer widths beside the
+    base config, "gaprune" (`load_width_pruned`).
     """
-    if uniform_widths(units) is not None:
+    if units is None or uniform_widths(units) is not None:
         model.save_pretrained(folder)
         return "transformers"
     from safetensors.torch import save_model
@@ -302,7 +302,7 @@ def save_width_pruned(model: PreTrainedModel, units: Sequence[LayerUnits], folde
 
 
 def load_width_pruned(folder: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Rebuild a model saved by `save_width_pruned`: from its config at full width, cut to the saved
+    """Rebuild a model saved by `save_pruned`: from its config at full width, cut to the saved
     widths, then filled with the saved weights (safetensors: no pickle, no remote code)."""
     from safetensors.torch import load_model
 

@@ -88,6 +88,9 @@ def summary(report: dict[str, Any], out: Path) -> str:
     contents = "model, chromosome.json, report.json, tb/" if report["after"] is None or \
         report["config"]["plan"] == "tail" else "merged model, adapter/, chromosome.json, report.json, tb/"
     lines.append(f"wrote {out}: {contents}")
+    if report["loads_with"] == "gaprune":
+        lines.append("  its layers differ in width, which a Hugging Face config cannot say: load it with "
+                     "evaluators.width.load_width_pruned (safetensors, no remote code)")
     return "\n".join(lines)
 
 

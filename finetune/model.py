@@ -23,6 +23,7 @@ from evaluators.families import family_of
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.models import decoder_layers, load_model, model_folder
 from evaluators.surgery import compact_model
+from evaluators.width import prune_width
 from finetune.config import HealConfig
 
 
@@ -93,13 +94,16 @@ def needs_calibration_text(record: ChromosomeRecord, settings: EvaluatorConfig) 
 def build_compact(
     record: ChromosomeRecord, spec: str, config: HealConfig
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base model and cut it to the chromosome, fusing and repairing as the search did."""
+    """Load the base model and cut it to the chromosome, fusing and repairing as the search did,
+    then to the record's width plan if it has one."""
     settings = surgery_settings(record, spec, config)
     if needs_calibration_text(record, settings):
         evaluator = ModelEvaluator(settings)
-        return evaluator.compact(record.genes), evaluator.tokenizer
-    model, tokenizer = load_model(spec, config.dtype, config.device)
-    return compact_model(model, record.genes), tokenizer
+        model, tokenizer = evaluator.compact(record.genes), evaluator.tokenizer
+    else:
+        model, tokenizer = load_model(spec, config.dtype, config.device)
+        compact_model(model, record.genes)
+    return (model if record.units is None else prune_width(model, record.units)), tokenizer
 
 
 def norm_module_names(model: PreTrainedModel, include_qk: bool) -> list[str]:

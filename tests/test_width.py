@@ -1,6 +1,7 @@
 """Width pruning on tiny models: units respect grouped-query attention, units that do nothing go
 without changing the logits, emptied layers are removed, exports reload identically, and the
 selection meets its parameter budget."""
+import json
 import math
 import random
 
@@ -12,7 +13,7 @@ from chromosomes import ChromosomeError, ChromosomeRecord
 from chromosomes.width import LayerUnits, Unit, kept_units, select_global, select_uniform, without_empty_layers
 from evaluators.families import family_of
 from evaluators.width import (
-    EmptyMLP, WidthError, full_geometry, load_width_pruned, prune_width, save_width_pruned, unit_importance,
+    EmptyMLP, WidthError, full_geometry, load_width_pruned, prune_width, save_pruned, unit_importance,
 )
 from tests.tiny import FAMILIES
 
@@ -162,7 +163,7 @@ def test_a_uniform_plan_exports_as_a_plain_hugging_face_folder(family, tmp_path)
     assert len({(len(k.kv_heads), len(k.channels)) for k in keep}) == 1
     assert decoder // 4 <= sum(u.cost for u in removed) < decoder // 4 + 3 * units[-1].cost
     prune_width(model, keep)
-    assert save_width_pruned(model, keep, tmp_path) == "transformers"
+    assert save_pruned(model, keep, tmp_path) == "transformers"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     config = reloaded.config
     assert (config.num_key_value_heads, config.num_attention_heads, config.head_dim) == (2, 4, 8)
@@ -175,7 +176,7 @@ def test_a_non_uniform_plan_reloads_through_gaprune_identically(tmp_path):
     model = tiny("qwen2", heads=6, kv_heads=3)
     keep = [LayerUnits((0, 2), tuple(range(0, 24, 2))), LayerUnits((1,), ()), LayerUnits((0, 1, 2), (4,))]
     prune_width(model, keep)
-    assert save_width_pruned(model, keep, tmp_path) == "gaprune"
+    assert save_pruned(model, keep, tmp_path) == "gaprune"
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.py"))  # no pickle, no code
     reloaded = load_width_pruned(tmp_path)
     assert torch.equal(logits(reloaded), logits(model))
@@ -227,3 +228,85 @@ def test_a_plan_is_validated_like_a_chromosome():
                                     "num_layers": 1, "units": [{"kv_heads": [1, 0], "channels": []}]})
     with pytest.raises(WidthError, match="at least one key-value head"):
         prune_width(tiny("llama"), [LayerUnits((), (1,)), LayerUnits((0,), ()), LayerUnits((0,), ())])
+
+
+# -- the command, and healing a plan ----------------------------------------------------------------
+
+def width_command(model_dir, text_file, out, *extra):
+    from ga.width import main
+    return main(["--model", str(model_dir), "--data", str(text_file), "--seq-len", "32", "--score-tokens", "256",
+                 "--importance-tokens", "256", "--batch-size", "4", "--out", str(out), "--no-progress", *extra])
+
+
+def heal_command(best, out, text_file, held_out, *extra):
+    from finetune.best import main
+    return main(["--chromosome", str(best), "--out", str(out), "--data", str(text_file), "--eval-texts",
+                 str(held_out), "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "512", "--batch-size", "4",
+                 "--warmup", "1", "--no-efficiency", "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    from tests.tiny import grammar_text
+    path = tmp_path_factory.mktemp("held") / "held.txt"
+    path.write_text(grammar_text(800, seed=2))
+    return path
+
+
+def reloaded_perplexity(model, held_out, tokenizer_dir):
+    from evaluators.perplexity import perplexity
+    from evaluators.text import text_blocks
+    from transformers import AutoTokenizer
+    blocks = text_blocks(str(held_out), AutoTokenizer.from_pretrained(tokenizer_dir), 32, 512)
+    return perplexity(model, blocks, 4)[0]
+
+
+@pytest.mark.parametrize("uniform, loads_with", [(True, "transformers"), (False, "gaprune")])
+def test_a_plan_from_the_command_heals_exports_and_reloads_as_it_was_measured(
+        llama_dir, text_file, held_out, tmp_path, uniform, loads_with):
+    assert width_command(llama_dir, text_file, tmp_path / "plan", "--params", "0.3",
+                         *(["--uniform"] if uniform else [])) == 0
+    plan = ChromosomeRecord.load(tmp_path / "plan" / "best.json")
+    width = plan.extra["width"]
+    assert 0.3 <= width["removed_share"] < 0.4 and plan.units is not None and plan.fitness["perplexity"] > 1
+    assert width["importance_seconds"] > 0 and width["importance_peak_bytes"] > 0
+    assert heal_command(tmp_path / "plan" / "best.json", tmp_path / "model", text_file, held_out, "--steps", "0") == 0
+    report = json.loads((tmp_path / "model" / "report.json").read_text())
+    assert report["loads_with"] == loads_with
+    folder = tmp_path / "model"
+    model = (AutoModelForCausalLM.from_pretrained(folder) if uniform else load_width_pruned(folder)).eval()
+    before = report["before"][str(held_out)]["perplexity"]
+    assert reloaded_perplexity(model, held_out, folder) == pytest.approx(before, rel=1e-5)
+    assert heal_command(tmp_path / "plan" / "best.json", tmp_path / "healed", text_file, held_out,
+                        "--steps", "6", "--plan", "wide") == 0
+    healed = json.loads((tmp_path / "healed" / "report.json").read_text())
+    assert healed["after"][str(held_out)]["perplexity"] < before
+
+
+def test_depth_then_width_share_one_budget(llama_dir, text_file, tmp_path):
+    depth = tmp_path / "depth.json"
+    ChromosomeRecord((1, 0, 1, 1, 0, 1), str(llama_dir), 6).save(depth)  # a third of the layers
+    assert width_command(llama_dir, text_file, tmp_path / "both", "--params", "0.5", "--chromosome", str(depth)) == 0
+    plan = ChromosomeRecord.load(tmp_path / "both" / "best.json")
+    assert plan.removed >= 2 and plan.genes[1] == plan.genes[4] == 0
+    assert 0.5 <= plan.extra["width"]["removed_share"] < 0.55
+    assert plan.extra["evaluator"]["repair"] == "lsq"  # the depth cut is repaired as a search scores it
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--params", "1.5"], "params must be a share between 0 and 1"),
+    (["--importance", "magnitude"], "importance must be one of taylor, taylor2, wanda"),
+    (["--uniform", "--floor", "0.2"], "floor applies to global selection"),
+    (["--params", "0.2", "--chromosome", "DEPTH"], "already removes 33.3% of the decoder parameters"),
+    (["--params", "0.2"], "exists: choose another --out"),
+])
+def test_bad_input_is_refused_with_a_clear_message(llama_dir, text_file, tmp_path, capsys, extra, message):
+    depth = tmp_path / "depth.json"
+    ChromosomeRecord((1, 0, 1, 1, 0, 1), str(llama_dir), 6).save(depth)
+    (tmp_path / "plan").mkdir()
+    if "exists" in message:
+        (tmp_path / "plan" / "best.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        width_command(llama_dir, text_file, tmp_path / "plan", *[str(depth) if e == "DEPTH" else e for e in extra])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "plan" / "best.json").exists() or "exists" in message
