@@ -83,28 +83,22 @@ def mlp_output_projection(layer: nn.Module, family: LayerFamily) -> nn.Linear:
         raise RepairError(f"seam repair is not supported for {type(layer).__name__}: a norm "
                           f"({family.mlp_output_norm}) follows its MLP, so a map folded into {family.down} would "
                           "be normalised away (use --repair none)")
-    try:
-        projection = family.module(layer, family.down)
-    except LayoutError:
-        projection = None
-    if not isinstance(projection, nn.Linear):
-        raise RepairError(f"{type(layer).__name__} has no {family.down} linear layer: seam repair needs one "
-                          "(use --repair none)")
-    return projection
+    return _linear(layer, family, family.down, "use --repair none")
 
 
 def output_projection(layer: nn.Module, family: LayerFamily, path: str) -> nn.Linear:
     """The linear map at `path` (down_proj, or o_proj for lsq-attn) that writes into the residual stream."""
-    projection = mlp_output_projection(layer, family)
-    if path == family.down:
-        return projection
+    mlp_output_projection(layer, family)
+    return _linear(layer, family, path, "use --repair none" if path == family.down else "use --repair lsq")
+
+
+def _linear(layer: nn.Module, family: LayerFamily, path: str, remedy: str) -> nn.Linear:
     try:
         projection = family.module(layer, path)
     except LayoutError:
         projection = None
     if not isinstance(projection, nn.Linear):
-        raise RepairError(f"{type(layer).__name__} has no {path} linear layer: this seam repair needs one "
-                          "(use --repair lsq)")
+        raise RepairError(f"{type(layer).__name__} has no {path} linear layer: seam repair needs one ({remedy})")
     return projection
 
 

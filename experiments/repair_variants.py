@@ -42,8 +42,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the default above, changed in one way each
     "lsq-attn 32k dense inputs": {"repair": "lsq-attn", "repair_tokens": 32768, "repair_inputs": "dense"},
     "scale 32k dense inputs": {"repair": "scale", "repair_tokens": 32768, "repair_inputs": "dense"},
-    "lsq 32k dense inputs, runs of 2+": {"repair_tokens": 32768, "repair_inputs": "dense", "repair_min_run": 2},
-    "lsq 32k dense inputs, runs of 3+": {"repair_tokens": 32768, "repair_inputs": "dense", "repair_min_run": 3},
+    "lsq 32k dense inputs runs of 2+": {"repair_tokens": 32768, "repair_inputs": "dense", "repair_min_run": 2},
+    "lsq 32k dense inputs runs of 3+": {"repair_tokens": 32768, "repair_inputs": "dense", "repair_min_run": 3},
 }
 
 
