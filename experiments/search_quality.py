@@ -19,7 +19,9 @@ Every method sees the same thing and pays the same way:
 
 Each finished (budget, method, seed) is kept under --work, so an interrupted benchmark
 continues where it stopped, and the results hold exactly the runs made: a method not run is
-absent. Results: experiments/results/<output>.{json,csv,md,png}.
+absent. `--reuse STEM` takes the runs of an earlier results file (rows as this code wrote them)
+into --work first, so that new methods, seeds or budgets join them without running them again.
+Results: experiments/results/<output>.{json,csv,md,png}.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from chromosomes import from_string, to_string, write_json_atomic
-from evaluators.fitness import EvaluatorConfig, Fitness, ModelEvaluator
+from evaluators.fitness import FITNESS_KINDS, EvaluatorConfig, Fitness, ModelEvaluator
 from evaluators.repair import REPAIR_INPUTS, REPAIRS
 from evaluators.text import DEV_TEXTS, REPORT_TEXTS, text_blocks
 from experiments.report import RESULTS, save_results
@@ -40,6 +42,7 @@ from ga.baselines import evopress_search, random_search
 from ga.checkpoint import RunFolder
 from ga.config import SearchConfig
 from ga.engine import evaluations_spent, evolve
+from ga.run import RESUMABLE
 from ga.seeding import single_skips, skip_lowest
 
 
@@ -178,6 +181,24 @@ def run_method(bench: Bench, method: str, texts: dict[str, Any], work: Path) -> 
     return result
 
 
+def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:
+    """Write the per-run files of an earlier results file into `work` (runs already there win);
+    refused unless its fitness was measured as this benchmark's is."""
+    earlier = json.loads((RESULTS / f"{stem}.json").read_text())
+    theirs = EvaluatorConfig.from_dict(earlier["evaluator"]).to_dict()  # settings added since: their defaults
+    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE and theirs[k] != v)
+    if changed:
+        raise SystemExit(f"--reuse {stem}: its fitness was measured with other settings ({', '.join(changed)})")
+    added = 0
+    for row in earlier["rows"]:
+        path = work / f"r{row['removed']}-{row['method']}" / (
+            "one-shot.json" if row["seed"] is None else f"s{row['seed']}.json")
+        if not path.is_file():
+            write_json_atomic(path, row)
+            added += 1
+    return added
+
+
 def summarize(rows: list[dict[str, Any]], texts: Sequence[str]) -> list[dict[str, Any]]:
     """Per budget and method: mean, standard deviation, min and max over seeds."""
     out = []
@@ -233,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repair", default=EvaluatorConfig.repair, choices=REPAIRS)
     parser.add_argument("--repair-inputs", default=EvaluatorConfig.repair_inputs, choices=REPAIR_INPUTS)
     parser.add_argument("--repair-tokens", type=int, default=EvaluatorConfig.repair_tokens)
+    parser.add_argument("--fitness", default=EvaluatorConfig.fitness, choices=FITNESS_KINDS)
+    parser.add_argument("--reuse", metavar="STEM", default=None,
+                        help="take the runs of experiments/results/STEM.json into --work first")
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="tokens of each test text")
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -245,8 +269,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown method(s): {', '.join(sorted(unknown))}")
 
     config = EvaluatorConfig(model=args.model, data_dir=args.data_dir, threads=args.threads, repair=args.repair,
-                             repair_inputs=args.repair_inputs, repair_tokens=args.repair_tokens)
+                             repair_inputs=args.repair_inputs, repair_tokens=args.repair_tokens,
+                             fitness=args.fitness)
     work = Path(args.work)
+    if args.reuse:
+        print(f"took {reuse_runs(args.reuse, work, config)} runs from {args.reuse}", flush=True)
     if not args.collect:
         evaluator = Remembering(ModelEvaluator(config))
         tokenizer = evaluator.inner.tokenizer

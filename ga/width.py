@@ -109,11 +109,24 @@ def floors_for(units: Sequence[Unit], share: float) -> dict[tuple[int, str], int
     return {key: math.ceil(share * count) for key, count in counts.items()}
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: the device's allocations on a GPU, the process's resident set on a CPU."""
+def memory_in_use(device: torch.device) -> int:
+    """Bytes held now: the device's allocations on a GPU (its peak count restarts here), the
+    process's resident set on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_memory_bytes(device: torch.device, before: int) -> int:
+    """Peak memory since `memory_in_use` said `before`: the device's allocations on a GPU; on a
+    CPU the process's peak resident set (the pass is the largest thing it does, so this is the
+    pass's peak; the kernel updates that figure lazily, so it is no less than what was seen)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, before, memory_in_use(device))
 
 
 def width_plan(width: WidthConfig, settings: EvaluatorConfig, depth: ChromosomeRecord | None,
@@ -134,11 +147,11 @@ def width_plan(width: WidthConfig, settings: EvaluatorConfig, depth: ChromosomeR
     calibration = text[settings.score_blocks:settings.score_blocks + windows]
     device = next(model.parameters()).device
     say(f"{width.importance} importance of every unit on {calibration.numel():,} calibration tokens", progress)
-    started = time.perf_counter()
+    before, started = memory_in_use(device), time.perf_counter()
     units = unit_importance(model, calibration, settings.batch_size, width.importance,
                             torch.device("cpu") if width.accumulate == "cpu" else None)
     seconds = time.perf_counter() - started
-    peak = peak_memory_bytes(device)
+    peak = peak_memory_bytes(device, before)
     say(f"selecting {budget:,} parameters to remove ({'uniform' if width.uniform else 'global'})", progress)
     removed = select_uniform(units, budget) if width.uniform else select_global(units, budget, floors_for(units, width.floor))
     keep = kept_units(units, removed, len(decoder_layers(model)))
@@ -154,7 +167,8 @@ def width_plan(width: WidthConfig, settings: EvaluatorConfig, depth: ChromosomeR
         "width": {**width.to_dict(), "depth_chromosome": depth.extra.get("run") if depth else None,
                   "dense_decoder_parameters": dense_decoder, "decoder_parameters": left,
                   "removed_share": 1 - left / dense_decoder, "units_removed": len(removed),
-                  "importance_seconds": seconds, "importance_peak_bytes": peak},
+                  "importance_seconds": seconds, "importance_peak_bytes": peak,
+                  "importance_base_bytes": before},
     }
     return ChromosomeRecord(final_genes, settings.model, evaluator.num_layers, measured, extra, final_units)
 
@@ -168,7 +182,8 @@ def summary_lines(record: ChromosomeRecord) -> list[str]:
             f"key-value heads per layer {min(heads)}-{max(heads)}, MLP channels {min(channels)}-{max(channels)}",
             f"calibration perplexity {record.fitness['perplexity']:.2f} ({record.fitness['tokens']:,} tokens); "
             f"{w['importance']} importance took {w['importance_seconds']:.1f} s, peak memory "
-            f"{w['importance_peak_bytes'] / 2**30:.2f} GiB"]
+            f"{w['importance_peak_bytes'] / 2**30:.2f} GiB ({w['importance_base_bytes'] / 2**30:.2f} GiB in use "
+            "before it)"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
