@@ -5,27 +5,31 @@ process; the Ray pool implements it over actors that each hold a `ModelEvaluator
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Any, Protocol, Sequence
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chromosomes import ChromosomeError, blocks, validate
+from evaluators.alignment import ASSIGNMENTS, AlignmentCache, auto_align_tokens, pair_statistics, resolved_assignment
 from evaluators.calibration import calibrated_norms
-from evaluators.families import Geometry, family_of
 from evaluators.cli import Settings
+from evaluators.families import Geometry, family_of
 from evaluators.importance import block_influence
-from evaluators.merge import (
-    MERGE_RULES, PROBE_TOKENS, LayerMerger, collect_activations, record_layer_inputs, require_mergeable,
-)
-from evaluators.models import DEFAULT_MODEL, decoder_layers, load_model
+from evaluators.merge import MERGE_RULES, PROBE_TOKENS, LayerMerger, record_layer_inputs, require_mergeable
+from evaluators.models import DEFAULT_MODEL, DEVICES_HELP, decoder_layers, load_model
 from evaluators.perplexity import PrefixScorer, perplexity
 from evaluators.repair import REPAIR_INPUTS, REPAIRS, SeamRepairer
 from evaluators.surgery import LayerStack, dense_layer_types, install_stack, layer_stack, layer_view
 from evaluators.text import CALIBRATION_TEXT, CalibrationSplit, text_blocks
 
+
+logger = logging.getLogger(__name__)
 
 FITNESS_KINDS = ("ppl", "kl")
 # A loss that is not a finite number (a broken forward pass, an overflow) is recorded as this
@@ -37,6 +41,10 @@ WORST_LOSS = 700.0
 def finite_loss(value: float) -> float:
     """The loss as recorded: NaN and anything above WORST_LOSS become WORST_LOSS."""
     return WORST_LOSS if not math.isfinite(value) or value > WORST_LOSS else value
+
+
+class DeviceMemoryError(RuntimeError):
+    """Scoring ran out of device memory even one window at a time; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class EvaluatorConfig(Settings):
 
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "the model: smollm2-135m, a Hugging Face hub id (org/name; the Hugging Face cache is used, HF_HUB_OFFLINE respected), a model folder or a .gguf file"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    device: str = field(default="auto", metadata={"help": DEVICES_HELP})
     data: str = field(default=CALIBRATION_TEXT, metadata={"help": "calibration text: a named set or a .txt file"})
     data_dir: str | None = field(default=None, metadata={"help": "local copy of the named sets (default $GAPRUNE_DATA_DIR)"})
     seq_len: int = field(default=1024, metadata={"help": "tokens per window (1,024 matches the held-out protocol; see experiments/results/fidelity*)"})
@@ -101,7 +109,10 @@ class EvaluatorConfig(Settings):
     calib_lr: float = field(default=0.01, metadata={"help": "calibration learning rate (plain SGD, gradient norm clipped to 1)"})
     merge_rule: str = field(default="mean", metadata={"help": "how aligned layers combine: mean or sum"})
     align: bool = field(default=True, metadata={"help": "align layers (permutations, rotations) before merging"})
-    align_tokens: int = field(default=2048, metadata={"help": "calibration tokens for the alignment statistics"})
+    align_tokens: int = field(default=0, metadata={"help": "calibration tokens for the alignment statistics (0: as many as the MLP has units, at least 2,048, in whole windows; they are streamed, so tokens cost time, not memory)"})
+    align_method: str = field(default="auto", metadata={"help": "how MLP units are matched: hungarian (exact), greedy (mutually best pairs, then pairwise swaps, on the device) or auto (hungarian up to 4,096 units)"})
+    align_cache: str | None = field(default=None, metadata={"help": "folder that keeps alignments for other actors and resumed runs (ga.run: the run folder's alignments/)"})
+    merge_cache_gb: float = field(default=4.0, metadata={"help": "memory for fused merge blocks kept for reuse (GiB)"})
     repair: str = field(default="lsq", metadata={"help": "seam repair before scoring: lsq (least-squares map on the MLP output before each cut, folded into down_proj), lsq-attn (a map folded into o_proj first, then lsq), scale (LinearPatch-style channel scaling in a rotated basis) or none"})
     repair_min_run: int = field(default=1, metadata={"help": "repair only the seams where at least this many consecutive layers were removed"})
     repair_tokens: int = field(default=32768, metadata={"help": "calibration tokens (disjoint from the scoring ones) for the seam repair statistics"})
@@ -112,8 +123,7 @@ class EvaluatorConfig(Settings):
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: leave torch's default)"})
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "align_tokens", "repair_tokens",
-                    "repair_min_run")
+        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "repair_tokens", "repair_min_run")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -122,8 +132,12 @@ class EvaluatorConfig(Settings):
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if self.score_tokens < self.seq_len:
             raise ValueError(f"score_tokens ({self.score_tokens}) must hold at least one window of seq_len ({self.seq_len})")
-        if self.calib_steps < 0 or self.threads < 0:
-            raise ValueError("calib_steps and threads must not be negative")
+        if self.calib_steps < 0 or self.threads < 0 or self.align_tokens < 0:
+            raise ValueError("calib_steps, threads and align_tokens must not be negative")
+        if self.align_method not in ASSIGNMENTS:
+            raise ValueError(f"align_method must be one of {', '.join(ASSIGNMENTS)}, got {self.align_method!r}")
+        if not (self.merge_cache_gb > 0 and math.isfinite(self.merge_cache_gb)):
+            raise ValueError(f"merge_cache_gb must be a positive number, got {self.merge_cache_gb!r}")
         if not (self.calib_lr > 0 and math.isfinite(self.calib_lr)):
             raise ValueError(f"calib_lr must be a positive number, got {self.calib_lr!r}")
         if self.repair not in REPAIRS:
@@ -142,33 +156,36 @@ class EvaluatorConfig(Settings):
         return self.score_tokens // self.seq_len
 
     @property
-    def align_blocks(self) -> int:
-        return -(-self.align_tokens // self.seq_len)
-
-    @property
     def repair_blocks(self) -> int:
         return -(-self.repair_tokens // self.seq_len) if self.repair != "none" else 0
 
-    @property
-    def tune_blocks(self) -> int:
-        """Blocks after the scoring ones, for norm calibration, alignment and repair statistics."""
-        return max(self.align_blocks, self.calib_steps * self.calib_batch, self.repair_blocks)
+    def tune_blocks(self, align_tokens: int) -> int:
+        """Blocks after the scoring ones, for norm calibration, alignment (on `align_tokens`, the
+        resolved count) and repair statistics."""
+        return max(-(-align_tokens // self.seq_len), self.calib_steps * self.calib_batch, self.repair_blocks)
 
 
 class ModelEvaluator:
     """Holds one model in memory and scores chromosomes on it by switching layers in place."""
 
-    def __init__(self, config: EvaluatorConfig):
+    def __init__(self, config: EvaluatorConfig, loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None):
+        """`loaded`: a model and its tokenizer already in memory, in place of loading `config.model`
+        (a benchmark of a shape no file holds: experiments/gpu_bench)."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.model, self.tokenizer = load_model(config.model, config.dtype, config.device)
+        self.model, self.tokenizer = loaded or load_model(config.model, config.dtype, config.device)
         self.dense_layers = list(decoder_layers(self.model))
         self.family = family_of(self.model)
         self.dense_types = dense_layer_types(self.model)
         self.num_layers = len(self.dense_layers)
+        units = getattr(self.model.config, "intermediate_size", 0) or 0
+        self.align_tokens = config.align_tokens or auto_align_tokens(units, config.seq_len)
+        self.align_method = resolved_assignment(config.align_method, units)
         text = text_blocks(config.data, self.tokenizer, config.seq_len, data_dir=config.data_dir)
-        self.split = CalibrationSplit.cut(text, config.score_blocks, config.tune_blocks, name=config.data)
+        self.split = CalibrationSplit.cut(text, config.score_blocks, config.tune_blocks(self.align_tokens),
+                                          name=config.data)
+        self.batch_size = config.batch_size  # windows per scoring forward; halved when the device runs out of memory
         self._merger: LayerMerger | None = None
         self._repairer: SeamRepairer | None = None
         self._reference: torch.Tensor | None = None
@@ -180,12 +197,19 @@ class ModelEvaluator:
             "model": c.model, "num_layers": self.num_layers, "data": c.data, "seq_len": c.seq_len,
             "tokens": c.score_blocks * (c.seq_len - 1), "dtype": str(self.model.dtype).removeprefix("torch."),
             "calibration": {"steps": c.calib_steps, "batch": c.calib_batch, "lr": c.calib_lr},
-            "merge": {"rule": c.merge_rule, "align": c.align, "align_tokens": c.align_tokens},
+            "merge": self.merge_settings(),
             "repair": self.repair_settings(),
             "fitness": c.fitness,
             "layer_parameters": [sum(p.numel() for p in layer.parameters()) for layer in self.dense_layers],
             "total_parameters": sum(p.numel() for p in self.model.parameters()),
         }
+
+    def merge_settings(self) -> dict[str, Any]:
+        c = self.config
+        settings = {"rule": c.merge_rule, "align": c.align, "align_tokens": self.align_tokens}
+        # the assignment only where it is not the Hungarian method (all runs saved before the
+        # option existed used it), so that those runs keep the record they resume against
+        return settings | ({"assignment": self.align_method} if self.align_method != "hungarian" else {})
 
     def repair_settings(self) -> dict[str, Any]:
         c = self.config
@@ -198,22 +222,25 @@ class ModelEvaluator:
         return settings | ({"min_run": c.repair_min_run} if c.repair_min_run > 1 else {})
 
     def block_influence(self) -> list[float]:
-        return block_influence(self.model, self.dense_layers, self.split.score, self.config.batch_size)
+        return block_influence(self.model, self.dense_layers, self.split.score, self.batch_size)
 
     @property
     def merger(self) -> LayerMerger:
         """Built on first use: alignment needs one dense forward pass that skip-only runs never pay."""
         if self._merger is None:
+            c = self.config
             geometry, name = Geometry.of(self.model.config), type(self.model).__name__
             require_mergeable(self.dense_layers[0], name, self.family, geometry)
-            activations = None
-            align_blocks = self.split.tune[: self.config.align_blocks]
-            if self.config.align:
-                activations = collect_activations(self.model, self.dense_layers, align_blocks, self.config.batch_size,
-                                                  self.family)
+            align_blocks = self.split.tune[: -(-self.align_tokens // c.seq_len)]
+            statistics = partial(pair_statistics, self.model, self.dense_layers, self.family, geometry, align_blocks,
+                                 self.batch_size) if c.align else None
+            description = self.describe()
+            store = None if c.align_cache is None or not c.align else AlignmentCache(
+                c.align_cache, {key: description[key] for key in ("model", "data", "seq_len", "tokens", "dtype", "merge")})
             probes = record_layer_inputs(self.model, self.dense_layers, align_blocks[:1, :PROBE_TOKENS])
-            self._merger = LayerMerger(self.dense_layers, activations, geometry, self.family,
-                                       self.config.merge_rule, probes=probes, model_name=name)
+            self._merger = LayerMerger(self.dense_layers, statistics, geometry, self.family, c.merge_rule,
+                                       cache_bytes=int(c.merge_cache_gb * 1024**3), probes=probes, model_name=name,
+                                       assignment=self.align_method, store=store)
         return self._merger
 
     @property
@@ -223,7 +250,7 @@ class ModelEvaluator:
             return None
         if self._repairer is None:
             self._repairer = SeamRepairer(self.model, self.dense_layers, self.split.tune[: self.config.repair_blocks],
-                                          self.config.batch_size, self.family, self.config.repair_ridge,
+                                          self.batch_size, self.family, self.config.repair_ridge,
                                           self.config.repair_inputs, self.config.repair, self.config.repair_min_run)
         return self._repairer
 
@@ -247,12 +274,37 @@ class ModelEvaluator:
         """Perplexity of the (repaired) chromosome on each named set of blocks: dev or test text."""
         stack = self.stack(genes)
         with layer_view(self.model, stack.modules, stack.layer_types):
-            return {name: perplexity(self.model, blocks, self.config.batch_size)[0] for name, blocks in texts.items()}
+            return {name: perplexity(self.model, blocks, self.batch_size)[0] for name, blocks in texts.items()}
 
     def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
-        scorer = self._scorer(tokens)
+        """Fitness of each chromosome; out of device memory, the population is scored again with
+        half as many windows per forward (the same numbers, up to rounding), down to one. The
+        alignment and repair statistics are then collected again, at the smaller batch."""
         for genes in population:  # validate all before any work
             validate(genes, self.num_layers)
+        while True:
+            try:
+                return self._evaluate(population, tokens)
+            except torch.OutOfMemoryError as error:
+                self._halve_batch(error)
+
+    def _halve_batch(self, error: torch.OutOfMemoryError) -> None:
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size == 1:
+            raise DeviceMemoryError(
+                f"out of memory on {device} scoring one window of {self.config.seq_len} tokens ({error}); "
+                "use a shorter --seq-len, fewer --repair-tokens, a smaller --dtype, or spread the model over "
+                "more GPUs (--gpus-per-worker)") from None
+        self.batch_size //= 2
+        # Everything that holds states per batch of the old size is built again at the new one.
+        self._scorers.clear()
+        self._merger = self._repairer = self._reference = None
+        logger.warning("out of memory on %s; scoring again with %d windows per forward", device, self.batch_size)
+
+    def _evaluate(self, population: Sequence[Sequence[int]], tokens: int | None) -> list[Fitness]:
+        scorer = self._scorer(tokens)
         # Neighbours in this order share leading layers, so prefix states and repairs are reused.
         order = sorted(range(len(population)), key=lambda i: [(b.anchor, b.merged) for b in blocks(population[i])])
         results: list[Fitness | None] = [None] * len(population)
@@ -269,7 +321,7 @@ class ModelEvaluator:
             )
         if count not in self._scorers:
             reference = None if self.config.fitness != "kl" else self.reference()[:count]
-            self._scorers[count] = PrefixScorer(self.model, self.split.score[:count], self.config.batch_size, reference)
+            self._scorers[count] = PrefixScorer(self.model, self.split.score[:count], self.batch_size, reference)
         return self._scorers[count]
 
     @torch.no_grad()
@@ -280,8 +332,8 @@ class ModelEvaluator:
             device = next(self.model.parameters()).device
             score = self.split.score
             self._reference = torch.cat([
-                self.model.model(input_ids=score[s:s + self.config.batch_size].to(device), use_cache=False).last_hidden_state
-                for s in range(0, score.shape[0], self.config.batch_size)])
+                self.model.model(input_ids=score[s:s + self.batch_size].to(device), use_cache=False).last_hidden_state
+                for s in range(0, score.shape[0], self.batch_size)])
         return self._reference
 
     def _score(self, scorer: PrefixScorer, stack: LayerStack) -> Fitness:

@@ -5,11 +5,13 @@ their key-value heads too, and each head's value/output space is only defined up
 Averaging raw weights mixes unrelated units. So before fusing layer j into anchor a we
 
 1. fold each RMSNorm weight into the projections that read it (exact),
-2. permute j's MLP intermediate units to best match a's (Hungarian assignment on the
-   correlation of their activations on calibration text),
+2. permute j's MLP intermediate units to best match a's (an assignment on the correlation of
+   their activations on calibration text),
 3. permute j's key-value head groups, carrying their query heads along, to best match a's
    (assignment on the Procrustes fit of the heads' outputs),
 4. rotate each value/output head space of j by the orthogonal Procrustes solution onto a's.
+Steps 2 to 4 are `evaluators.alignment`: statistics streamed on the device, never raw
+activations kept, and alignments kept on disk for other actors and resumed runs.
 
 Every step leaves layer j's own function unchanged, and the merger proves it for each layer
 before fusing it: the aligned layer must add to a few calibration tokens' hidden states what
@@ -19,20 +21,21 @@ these steps misread is refused with a MergeError instead of scored wrong. Where 
 heads) the layer's LayerFamily translates its parameters into roles and back; a mixture of
 experts has no single MLP to permute and is refused. Then the aligned
 weights are combined with the anchor's by a rule: "mean" (interpolation) or "sum" (anchor plus
-the sum of the aligned differences, as LaCo does).
+the sum of the aligned differences, as LaCo does), one layer at a time in fp32, so a block of
+k layers needs two layers' fp32 copies, not k + 1. Fused layers are cached within a byte budget.
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from chromosomes import Block
+from evaluators.alignment import Alignment, AlignmentCache, Moments, compute_alignment
 from evaluators.families import Geometry, LayerFamily, LayoutError, Params
 
 MergeRule = Literal["mean", "sum"]
@@ -66,54 +69,6 @@ class LayerInput:
                 return tuple(cast(v) for v in value)
             return value
         return LayerInput(cast(self.args), {key: cast(value) for key, value in self.kwargs.items()})
-
-
-@dataclass(frozen=True)
-class LayerActivations:
-    """What alignment needs from one dense layer, on the same calibration tokens for every layer."""
-
-    mlp: torch.Tensor  # [tokens, intermediate]: the input of down_proj
-    heads: torch.Tensor  # [tokens, heads * head_dim]: the input of o_proj
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """How to re-express a layer in its anchor's basis."""
-
-    mlp_order: torch.Tensor  # [intermediate]: new unit u is old unit mlp_order[u]
-    group_order: torch.Tensor  # [kv_heads]: new group g is old group group_order[g]
-    rotations: torch.Tensor  # [kv_heads, head_dim, head_dim]: applied to new group g's value space
-
-    @classmethod
-    def identity(cls, intermediate: int, geometry: Geometry) -> "Alignment":
-        eye = torch.eye(geometry.head_dim).expand(geometry.kv_heads, -1, -1).clone()
-        return cls(torch.arange(intermediate), torch.arange(geometry.kv_heads), eye)
-
-
-@torch.no_grad()
-def collect_activations(model: nn.Module, layers: Sequence[nn.Module], blocks: torch.Tensor, batch_size: int,
-                        family: LayerFamily) -> list[LayerActivations]:
-    """Record every dense layer's MLP units and head outputs on the same calibration tokens."""
-    mlp: list[list[torch.Tensor]] = [[] for _ in layers]
-    heads: list[list[torch.Tensor]] = [[] for _ in layers]
-
-    def recorder(store: list[torch.Tensor]):
-        def hook(module: nn.Module, args: tuple) -> None:
-            store.append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
-        return hook
-
-    handles = []
-    for index, layer in enumerate(layers):
-        handles.append(family.module(layer, family.down).register_forward_pre_hook(recorder(mlp[index])))
-        handles.append(family.module(layer, family.o).register_forward_pre_hook(recorder(heads[index])))
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, blocks.shape[0], batch_size):
-            model.model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [LayerActivations(torch.cat(m), torch.cat(h)) for m, h in zip(mlp, heads)]
 
 
 def require_mergeable(layer: nn.Module, model_name: str, family: LayerFamily, geometry: Geometry) -> None:
@@ -164,46 +119,6 @@ def function_change(original: nn.Module, params: Params, probe: LayerInput, fami
         return float((added(rebuilt) - expected).norm() / expected.norm().clamp_min(1e-12))
 
 
-def _standardize(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    x = x - x.mean(0)
-    return x / x.norm(dim=0).clamp_min(1e-12)
-
-
-def match_mlp_units(anchor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Order of `other`'s units that maximizes their summed correlation with `anchor`'s units."""
-    correlation = _standardize(anchor).T @ _standardize(other)
-    rows, columns = linear_sum_assignment(correlation.numpy(), maximize=True)
-    return torch.as_tensor(columns[rows.argsort()], dtype=torch.long)
-
-
-def _procrustes(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Rotation R minimizing ||source @ R - target|| and the fit it achieves (the nuclear norm)."""
-    u, s, vh = torch.linalg.svd(source.T @ target)
-    return (u @ vh).float(), float(s.sum())
-
-
-def match_head_groups(anchor: torch.Tensor, other: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group order and per-group value rotations that map `other`'s heads onto `anchor`'s."""
-    def grouped(x: torch.Tensor) -> torch.Tensor:  # [kv_heads, tokens * group_size, head_dim]
-        tokens = x.shape[0]
-        x = x.double().view(tokens, geometry.kv_heads, geometry.group_size, geometry.head_dim)
-        return x.permute(1, 0, 2, 3).reshape(geometry.kv_heads, -1, geometry.head_dim)
-
-    a, o = grouped(anchor), grouped(other)
-    fit = torch.tensor([[_procrustes(o[h], a[g])[1] for h in range(geometry.kv_heads)]
-                        for g in range(geometry.kv_heads)])
-    rows, columns = linear_sum_assignment(fit.numpy(), maximize=True)
-    order = torch.as_tensor(columns[rows.argsort()], dtype=torch.long)
-    rotations = torch.stack([_procrustes(o[order[g]], a[g])[0] for g in range(geometry.kv_heads)])
-    return order, rotations
-
-
-def compute_alignment(anchor: LayerActivations, other: LayerActivations, geometry: Geometry) -> Alignment:
-    group_order, rotations = match_head_groups(anchor.heads, other.heads, geometry)
-    return Alignment(match_mlp_units(anchor.mlp, other.mlp), group_order, rotations)
-
-
 def folded_params(layer: nn.Module, family: LayerFamily, geometry: Geometry) -> Params:
     """The layer's parameters as roles, in fp32, with each input norm's scale folded into the
     projections that read it (the norm then scales by exactly 1)."""
@@ -252,13 +167,17 @@ def apply_alignment(params: Params, alignment: Alignment, geometry: Geometry) ->
     return out
 
 
-def combine(anchor: Params, others: Sequence[Params], rule: MergeRule) -> Params:
-    """Fuse aligned parameters: the mean of all, or the anchor plus every difference to it."""
-    if rule == "mean":
-        return {name: (value + sum(o[name] for o in others)) / (1 + len(others)) for name, value in anchor.items()}
-    if rule == "sum":
-        return {name: value + sum(o[name] - value for o in others) for name, value in anchor.items()}
-    raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
+def combine(anchor: Params, others: Iterable[Params], rule: MergeRule) -> Params:
+    """Fuse aligned parameters, taking one layer at a time (each can be freed once added): the
+    mean of all, or the anchor plus every difference to it."""
+    if rule not in MERGE_RULES:
+        raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
+    total, count = dict(anchor), 1
+    for other in others:
+        for name, value in other.items():
+            total[name] = total[name] + (value if rule == "mean" else value - anchor[name])
+        count += 1
+    return {name: value / count for name, value in total.items()} if rule == "mean" else total
 
 
 def build_layer(template: nn.Module, params: Params, family: LayerFamily) -> nn.Module:
@@ -274,36 +193,47 @@ def build_layer(template: nn.Module, params: Params, family: LayerFamily) -> nn.
 class LayerMerger:
     """Fuses merge blocks of a dense model, caching alignments and fused layers for reuse.
 
-    Activation statistics come from the dense model once; a GA revisits the same merge blocks
-    many times, so the fused layers are kept in a small LRU cache.
+    `statistics(anchor, other)` streams what aligning a pair needs from the dense model (None:
+    merge without alignment, for ablations). A GA revisits the same merge blocks many times, so
+    alignments are kept (in memory, and on disk with `store`) and fused layers are kept in an LRU
+    cache of at most `cache_bytes`.
     """
 
     def __init__(
-        self, layers: Sequence[nn.Module], activations: Sequence[LayerActivations] | None,
-        geometry: Geometry, family: LayerFamily, rule: MergeRule = "mean", max_cached: int = 32,
-        probes: Sequence[LayerInput] | None = None, model_name: str = "this model",
+        self, layers: Sequence[nn.Module], statistics: Callable[[int, int], tuple[Moments, torch.Tensor]] | None,
+        geometry: Geometry, family: LayerFamily, rule: MergeRule = "mean", cache_bytes: int = 4 * 1024**3,
+        probes: Sequence[LayerInput] | None = None, model_name: str = "this model", assignment: str = "auto",
+        store: AlignmentCache | None = None,
     ):
         if rule not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
         self.layers = list(layers)
-        self.activations = activations  # None: merge without alignment (for ablations)
+        self.statistics = statistics
         self.geometry = geometry
         self.family = family
         self.rule = rule
-        self.max_cached = max_cached
+        self.cache_bytes = cache_bytes
         self.probes = probes  # None: no check (tests of the arithmetic itself)
         self.model_name = model_name
+        self.assignment = assignment
+        self.store = store
         self._alignments: dict[tuple[int, int], Alignment] = {}
         self._fused: OrderedDict[Block, nn.Module] = OrderedDict()
+        self._fused_bytes = 0
         self.changes: dict[tuple[int, int], float] = {}  # (anchor, other) -> checked function change
 
     def alignment(self, anchor: int, other: int) -> Alignment:
-        if self.activations is None:
+        if self.statistics is None:
             intermediate = self.family.module(self.layers[other], self.family.down).in_features
             return Alignment.identity(intermediate, self.geometry)
         key = (anchor, other)
         if key not in self._alignments:
-            self._alignments[key] = compute_alignment(self.activations[anchor], self.activations[other], self.geometry)
+            found = self.store.get(anchor, other) if self.store else None
+            if found is None:
+                found = compute_alignment(*self.statistics(anchor, other), self.assignment)
+                if self.store:
+                    self.store.put(anchor, other, found)
+            self._alignments[key] = found
         return self._alignments[key]
 
     def __call__(self, block: Block) -> nn.Module:
@@ -312,14 +242,16 @@ class LayerMerger:
             return self._fused[block]
         try:
             anchor = folded_params(self.layers[block.anchor], self.family, self.geometry)
-            aligned = [self.aligned(block.anchor, j) for j in block.merged]
+            aligned = (self.aligned(block.anchor, j) for j in block.merged)  # one at a time
+            fused = build_layer(self.layers[block.anchor], combine(anchor, aligned, self.rule), self.family)
         except LayoutError as missing:
             raise layout_error(self.model_name, missing) from None
-        fused = build_layer(self.layers[block.anchor], combine(anchor, aligned, self.rule), self.family)
         fused.requires_grad_(False)
         self._fused[block] = fused
-        while len(self._fused) > self.max_cached:
-            self._fused.popitem(last=False)
+        self._fused_bytes += _bytes(fused)
+        while self._fused_bytes > self.cache_bytes and len(self._fused) > 1:
+            _, dropped = self._fused.popitem(last=False)
+            self._fused_bytes -= _bytes(dropped)
         return fused
 
     def aligned(self, anchor: int, other: int) -> Params:
@@ -337,3 +269,6 @@ class LayerMerger:
             self.changes[anchor, other] = change
         return params
 
+
+def _bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())

@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,10 +46,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GAPRUNE_CACHE", Path.home() / ".cache" / "gaprune"))
 
 
+DEVICES_HELP = ("auto (a GPU if there is one), cpu, cuda, cuda:N, or balanced (whole decoder layers spread over "
+                "every visible GPU, for a model larger than one; Ray actors of --gpus-per-worker GPUs use it)")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+    """Where inputs go: the GPU (the first one when balanced) if there is one, else the CPU."""
+    if device in ("auto", "balanced"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def balanced_device_map(folder: Path, gpus: int, dtype: torch.dtype,
+                        memory: dict[int, int] | None = None) -> dict[str, int]:
+    """Module -> GPU index for a model spread over `gpus` GPUs: accelerate's balanced placement,
+    each decoder layer whole on one GPU, consecutive layers together. `memory` (bytes per GPU)
+    replaces the GPUs' own free memory, to plan for other machines."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+    from transformers import AutoConfig
+
+    with init_empty_weights():  # a skeleton on the meta device: sizes without memory
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    skeleton.tie_weights()
+    whole = list(getattr(skeleton, "_no_split_modules", None) or [type(decoder_layers(skeleton)[0]).__name__])
+    budget = get_balanced_memory(skeleton, max_memory=memory or {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)},
+                                 no_split_module_classes=whole, dtype=dtype)
+    return dict(infer_auto_device_map(skeleton, max_memory=budget, no_split_module_classes=whole, dtype=dtype))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -86,26 +110,39 @@ def model_folder(spec: str) -> Path:
 def load_model(
     spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer in eval mode with gradients off (search never trains weights)."""
+    """Load model and tokenizer in eval mode with gradients off (search never trains weights).
+
+    On a GPU the weights load straight into its memory (never a whole copy in CPU RAM first);
+    `balanced` spreads them over every visible GPU.
+    """
     folder = model_folder(spec)
     target = resolve_device(device)
-    model = _from_pretrained(folder, resolve_dtype(dtype, target))
-    model.to(target).eval()
+    torch_dtype = resolve_dtype(dtype, target)
+    if target.type != "cuda":
+        placement = None
+    elif device == "balanced":
+        placement = balanced_device_map(folder, torch.cuda.device_count(), torch_dtype)
+    else:
+        placement = {"": str(target)}
+    model = _from_pretrained(folder, torch_dtype, placement)
+    if placement is None:
+        model.to(target)
+    model.eval()
     model.requires_grad_(False)
     decoder_layers(model)  # fail now, not deep inside a search, if the layout is unsupported
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
 
 
-def _from_pretrained(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+def _from_pretrained(folder: Path, dtype: torch.dtype, device_map: dict[str, Any] | None = None) -> PreTrainedModel:
     """SDPA (PyTorch's fused attention kernels: flash / memory-efficient on GPU) where the family
     has it; the eager attention of families that do not (Gemma 2)."""
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", device_map=device_map)
     except ValueError as error:
         if "does not support an attention implementation" not in str(error):
             raise
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager", device_map=device_map)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -40,12 +40,12 @@ def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor
     kl = None if dense is None else hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), LOGIT_CHUNK):
         chunk = slice(start, start + LOGIT_CHUNK)
-        logits = head(states[chunk]).float()
-        nll = nll + F.cross_entropy(logits, targets[chunk], reduction="sum")
+        logits = head(states[chunk]).float()  # on the head's device (with a model spread over GPUs, its own)
+        nll = nll + F.cross_entropy(logits, targets[chunk].to(logits.device), reduction="sum").to(nll.device)
         if dense is not None:
             log_p = F.log_softmax(logits, dim=-1)
             log_q = F.log_softmax(head(dense[chunk]).float(), dim=-1)
-            kl = kl + F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+            kl = kl + F.kl_div(log_p, log_q, log_target=True, reduction="sum").to(kl.device)
     return nll, kl
 
 

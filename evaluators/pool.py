@@ -2,7 +2,8 @@
 
 - `EvaluatorWorker` is the actor: it loads the model from its path inside the actor (weights
   never travel through the object store) and wraps one `ModelEvaluator`.
-- `plan_workers` decides how many actors and what each asks of Ray (a GPU, or CPU threads).
+- `evaluators.workers.plan_workers` decides how many actors and what each asks of Ray (a GPU,
+  several GPUs of one node, or CPU threads); `start_actors` starts them.
 - `RayEvaluatorPool` implements `Evaluator` over actor handles. Like Ray's `util/actor_pool.py`
   it never knows the actor's class: it only calls `ready()`, `evaluate(population, tokens)` and
   `block_influence()`.
@@ -11,11 +12,15 @@
 
 Faults: an actor that dies while it holds a chunk (killed, out of memory, node lost) is restarted
 by Ray (`max_restarts`, which loads the model again) and the chunk goes to the next idle actor; an
-actor that cannot be placed raises TimeoutError after `start_timeout` instead of waiting forever.
+actor that holds a chunk longer than `chunk_timeout` (a hung GPU) is killed, restarted and its
+chunk resubmitted the same way; an actor out of GPU memory retries with smaller batches itself
+(`ModelEvaluator`) and, failing that, says so; an actor that cannot be placed raises
+TimeoutError after `start_timeout` instead of waiting forever.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -33,16 +38,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.actor import ActorHandle
-from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError, RayTaskError
 
 from chromosomes import validate
-from evaluators.fitness import Evaluator, EvaluatorConfig, Fitness, ModelEvaluator
+from evaluators.fitness import DeviceMemoryError, Evaluator, EvaluatorConfig, Fitness, ModelEvaluator
 from evaluators.models import ModelLoadError, model_folder
+from evaluators.workers import AUTO, Cluster, WorkerConfig, WorkerPlan, plan_workers
 
 logger = logging.getLogger(__name__)
 
-LOCAL = "local"
-AUTO = "auto"
 # Settings read from the environment that actors must share with the driver that started them.
 FORWARDED_ENV = ("GAPRUNE_CACHE", "GAPRUNE_DATA_DIR", "HF_HOME")
 PROBE_PAUSE = 0.2  # seconds between asking a restarting actor whether it is ready
@@ -107,73 +111,13 @@ class EvaluatorWorker:
 
 
 # ---------------------------------------------------------------------------------------------
-# How many actors, and what each asks of Ray
+# Starting the actors (how many and what each asks of Ray: evaluators.workers)
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Cluster:
-    """The resources a Ray cluster reports, as far as placing evaluation actors goes."""
-
-    gpus: int
-    cpus: int
-    node_cpus: int  # CPUs of the largest node: one actor cannot use cores of two machines
-
-    @classmethod
-    def current(cls) -> "Cluster":
-        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        return cls(gpus=int(sum(n.get("GPU", 0) for n in nodes)), cpus=int(sum(n.get("CPU", 0) for n in nodes)),
-                   node_cpus=int(max((n.get("CPU", 0) for n in nodes), default=0)))
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    actors: int
-    gpus: int  # per actor: 1 when the actors run on GPUs, else 0
-    threads: int  # torch CPU threads per actor, also the CPUs each actor asks of Ray
-
-    def describe(self) -> str:
-        device = "1 GPU" if self.gpus else f"{self.threads} CPU thread{'s' * (self.threads > 1)}"
-        return f"{self.actors} actor{'s' * (self.actors > 1)} of {device} each"
-
-
-def requested_actors(workers: str) -> int | None:
-    """The actor count in a --workers value: None for auto; ValueError for anything unusable."""
-    text = str(workers).strip()
-    if text == AUTO:
-        return None
-    if re.fullmatch(r"[0-9]+", text) and int(text) > 0:
-        return int(text)
-    raise ValueError(f"--workers must be {LOCAL}, {AUTO} or a positive number of actors, got {workers!r}")
-
-
-def plan_workers(requested: int | None, config: EvaluatorConfig, cluster: Cluster) -> WorkerPlan:
-    """One actor per GPU (or `requested` GPU actors); without GPUs, CPU actors sharing the cores.
-
-    Every CPU actor gets the same number of threads, so that no fitness depends on which actor
-    computed it; `config.threads`, when set, is used as it is.
-    """
-    if config.device.startswith("cuda:"):
-        raise ValueError(f"--device {config.device} names one GPU, but Ray gives each actor its own: "
-                         "use --device auto (or cuda) with Ray workers, or --workers local")
-    gpus = 0 if config.device == "cpu" else cluster.gpus
-    if config.device == "cuda" and not gpus:
-        raise ValueError("--device cuda, but the Ray cluster reports no GPU")
-    if gpus:
-        actors = requested or gpus
-        if actors > gpus:
-            raise ValueError(f"--workers {actors} asks for {actors} GPU actors but the Ray cluster has {gpus} GPUs")
-        return WorkerPlan(actors, 1, config.threads or 1)
-    actors = requested or 1
-    if actors > max(cluster.cpus, 1):
-        raise ValueError(f"--workers {actors} asks for {actors} CPU actors but the Ray cluster has {cluster.cpus} CPUs")
-    threads = config.threads or max(1, min(cluster.cpus // actors, cluster.node_cpus))
-    return WorkerPlan(actors, 0, threads)
-
 
 def start_actors(config: EvaluatorConfig, plan: WorkerPlan, worker: type = EvaluatorWorker,
                  max_restarts: int = 3) -> list[ActorHandle]:
     """Create the actors (they load their models in the background; the pool waits for them)."""
-    actor_config = replace(config, threads=plan.threads, device="auto" if plan.gpus else "cpu")
+    actor_config = replace(config, threads=plan.threads, device=plan.device)
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     options = dict(num_gpus=plan.gpus, num_cpus=plan.threads, max_restarts=max_restarts,
                    # Retrying is the pool's job: it resubmits a lost chunk to whichever actor is idle.
@@ -191,7 +135,8 @@ class GenerationReport:
 
     chunks: int
     finished: list[int] = field(default_factory=list)  # chunk indices, in the order they finished
-    resubmitted: int = 0  # chunks sent again because their actor died
+    resubmitted: int = 0  # chunks sent again because their actor died (timed-out ones included)
+    timed_out: int = 0  # chunks whose actor was killed for holding them past chunk_timeout
     lost_actors: int = 0  # actors that did not come back and were dropped
 
 
@@ -208,9 +153,10 @@ def contiguous_chunks(order: Sequence[int], count: int) -> list[list[int]]:
 
 def _reraise_remote(error: RayTaskError) -> NoReturn:
     """A ValueError or ModelLoadError raised in an actor (a chromosome or token count it refuses,
-    a missing text) is the caller's mistake: raise it as itself. Anything else is a bug: keep
-    Ray's error, whose message carries the actor's traceback."""
-    if isinstance(error.cause, (ValueError, ModelLoadError)):
+    a missing text) is the caller's mistake, and a DeviceMemoryError says what to change: raise
+    it as itself. Anything else is a bug: keep Ray's error, whose message carries the actor's
+    traceback."""
+    if isinstance(error.cause, (ValueError, ModelLoadError, DeviceMemoryError)):
         raise error.cause from None
     raise error
 
@@ -224,13 +170,16 @@ class RayEvaluatorPool:
     """
 
     def __init__(self, actors: Sequence[ActorHandle], start_timeout: float = 300.0,
-                 chunks_per_actor: int = 2, max_chunk_attempts: int = 3):
+                 chunks_per_actor: int = 2, max_chunk_attempts: int = 3, chunk_timeout: float | None = None):
         if not actors:
             raise ValueError("a pool needs at least one actor")
         if chunks_per_actor < 1 or max_chunk_attempts < 1:
             raise ValueError("chunks_per_actor and max_chunk_attempts must be at least 1")
+        if chunk_timeout is not None and not chunk_timeout > 0:
+            raise ValueError(f"chunk_timeout must be a positive number of seconds, got {chunk_timeout!r}")
         self._actors = list(actors)
         self.start_timeout = start_timeout
+        self.chunk_timeout = chunk_timeout  # None: a chunk may take as long as it takes
         self.chunks_per_actor = chunks_per_actor
         self.max_chunk_attempts = max_chunk_attempts
         self.last_generation: GenerationReport | None = None
@@ -261,15 +210,22 @@ class RayEvaluatorPool:
         self._actors = []
 
     def block_influence(self) -> list[float]:
-        """One dense forward, so one actor answers; one that died or is restarting passes the question on."""
+        """One dense forward, so one actor answers; one that died, is restarting or does not answer
+        within the chunk timeout (or, without one, the start timeout) passes the question on."""
+        timeout = self.chunk_timeout or self.start_timeout
         for actor in self._actors:
             try:
-                return ray.get(actor.block_influence.remote(), timeout=self.start_timeout)
+                return ray.get(actor.block_influence.remote(), timeout=timeout)
+            except GetTimeoutError:
+                logger.warning("an evaluation actor did not answer block_influence within %g s; asking the next",
+                               timeout)
+                ray.kill(actor, no_restart=False)  # whatever it is stuck in, Ray restarts it
             except (RayActorError, ActorUnavailableError):
                 continue
             except RayTaskError as error:
                 _reraise_remote(error)
-        raise PoolError("no actor could answer: every actor died or is restarting")
+        raise PoolError(f"no actor could answer block_influence: every actor died, is restarting or took over "
+                        f"{timeout:g} s")
 
     def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
         genes = [validate(individual, self.num_layers) for individual in population]  # refuse before any work
@@ -281,36 +237,40 @@ class RayEvaluatorPool:
         results: list[Fitness | None] = [None] * len(genes)
         todo, idle = deque(range(len(chunks))), deque(self._actors)
         attempts: Counter[int] = Counter()
-        running: dict[ray.ObjectRef, tuple[ActorHandle, int]] = {}
+        running: dict[ray.ObjectRef, tuple[ActorHandle, int, float]] = {}  # -> (actor, chunk, deadline)
         recovering: dict[ray.ObjectRef, tuple[ActorHandle, float]] = {}  # ready() probe -> (actor, deadline)
+        killed: set[ray.ObjectRef] = set()  # chunks whose actor was killed for taking too long
         while todo or running:
             # Phase 1: every idle actor takes the next chunk.
             while todo and idle:
                 actor, index = idle.popleft(), todo.popleft()
                 attempts[index] += 1
-                running[actor.evaluate.remote([genes[i] for i in chunks[index]], tokens)] = (actor, index)
+                deadline = time.monotonic() + self.chunk_timeout if self.chunk_timeout else math.inf
+                running[actor.evaluate.remote([genes[i] for i in chunks[index]], tokens)] = (actor, index, deadline)
             if not running and not recovering:
                 raise PoolError(f"every evaluation actor has died; {len(todo)} of {len(chunks)} chunks are unscored")
-            # Phase 2: wait for any chunk to finish or any restarted actor to be ready again.
-            done, _ = ray.wait([*running, *recovering], num_returns=1, timeout=self._until_first(recovering))
+            # Phase 2: wait for a chunk to finish, a restarted actor to be ready, or a deadline to pass.
+            done, _ = ray.wait([*running, *recovering], num_returns=1, timeout=self._until_first(running, recovering))
             for ref in done:
                 if ref in recovering:
                     self._welcome_back(ref, recovering, idle, report)
                     continue
-                actor, index = running.pop(ref)
+                actor, index, _ = running.pop(ref)
                 try:
                     fitness = ray.get(ref)
                 except (RayActorError, OutOfMemoryError) as error:
-                    # The actor died while it held this chunk (killed, out of memory, node lost).
-                    # Ray 2.60 raises ActorUnavailableError ("the actor was restarted") when it
-                    # restarts the actor and ActorDiedError when the actor is gone; either way the
-                    # chunk's results are lost, so it goes back first in line, and the actor gets a
-                    # ready() probe that answers once Ray has restarted it (model loaded again).
+                    # The actor died while it held this chunk (killed, out of memory, node lost,
+                    # or killed below for taking too long). Ray 2.60 raises ActorUnavailableError
+                    # ("the actor was restarted") when it restarts the actor and ActorDiedError
+                    # when the actor is gone; either way the chunk's results are lost, so it goes
+                    # back first in line, and the actor gets a ready() probe that answers once Ray
+                    # has restarted it (model loaded again).
+                    cause = (f"took over {self.chunk_timeout:g} s (--chunk-timeout)" if ref in killed
+                             else f"lost its actor (out of memory?): {error}")
                     if attempts[index] >= self.max_chunk_attempts:
-                        raise PoolError(f"a chunk of {len(chunks[index])} chromosomes lost its actor "
-                                        f"{attempts[index]} times (out of memory?): {error}") from error
-                    logger.warning("an evaluation actor died holding %d chromosomes; scoring them again",
-                                   len(chunks[index]))
+                        raise PoolError(f"a chunk of {len(chunks[index])} chromosomes failed {attempts[index]} times; "
+                                        f"the last time it {cause}") from error
+                    logger.warning("a chunk of %d chromosomes %s; scoring it again", len(chunks[index]), cause)
                     todo.appendleft(index)
                     report.resubmitted += 1
                     recovering[actor.ready.remote()] = (actor, time.monotonic() + self.start_timeout)
@@ -321,8 +281,17 @@ class RayEvaluatorPool:
                         results[i] = value
                     report.finished.append(index)
                     idle.append(actor)
-            # Phase 3: an actor that has not come back within the start timeout is dropped.
-            for ref in [ref for ref, (_, deadline) in recovering.items() if time.monotonic() > deadline]:
+            # Phase 3: a chunk past its deadline has its actor killed (Ray restarts it, and the
+            # chunk comes back through phase 2 as lost); an actor that has not come back within
+            # the start timeout is dropped.
+            now = time.monotonic()
+            for ref, (actor, index, deadline) in list(running.items()):
+                if now > deadline:
+                    ray.kill(actor, no_restart=False)
+                    running[ref] = (actor, index, math.inf)
+                    killed.add(ref)
+                    report.timed_out += 1
+            for ref in [ref for ref, (_, deadline) in recovering.items() if now > deadline]:
                 self._drop(recovering.pop(ref)[0], report, f"not ready {self.start_timeout:.0f} s after it died")
         self.last_generation = report
         return results  # type: ignore[return-value]
@@ -330,10 +299,13 @@ class RayEvaluatorPool:
     # -- helpers of evaluate --------------------------------------------------------------------
 
     @staticmethod
-    def _until_first(recovering: dict[ray.ObjectRef, tuple[ActorHandle, float]]) -> float | None:
-        if not recovering:
-            return None  # chunks take as long as they take; Ray reports an actor's death itself
-        return max(0.0, min(deadline for _, deadline in recovering.values()) - time.monotonic())
+    def _until_first(running: dict[ray.ObjectRef, tuple[ActorHandle, int, float]],
+                     recovering: dict[ray.ObjectRef, tuple[ActorHandle, float]]) -> float | None:
+        """Seconds until the next deadline; None (wait as long as it takes: Ray reports an actor's
+        death itself) when there is none."""
+        deadlines = [deadline for *_, deadline in running.values()] + [deadline for _, deadline in recovering.values()]
+        first = min(deadlines, default=math.inf)
+        return None if first == math.inf else max(0.0, first - time.monotonic())
 
     def _welcome_back(self, probe: ray.ObjectRef, recovering: dict, idle: deque, report: GenerationReport) -> None:
         actor, deadline = recovering.pop(probe)
@@ -423,23 +395,18 @@ def ray_connection(address: str | None) -> Iterator[None]:
 
 
 @contextmanager
-def open_evaluator(config: EvaluatorConfig, workers: str = AUTO, ray_address: str | None = None,
-                   start_timeout: float = 300.0) -> Iterator[Evaluator]:
-    """An Evaluator for the search: in this process (`workers="local"`), or a pool of Ray actors.
-
-    `workers`: "auto" is one actor per GPU the cluster reports, or one CPU actor without GPUs;
-    "N" is N actors (GPU actors on a GPU cluster, else CPU actors sharing the cores).
-    `ray_address` ("auto" or host:port) joins a running cluster; otherwise a local Ray starts.
-    """
-    if workers == LOCAL:
+def open_evaluator(config: EvaluatorConfig, workers: WorkerConfig | None = None) -> Iterator[Evaluator]:
+    """An Evaluator for the search: in this process (`--workers local`), or a pool of Ray actors
+    on this machine or on the cluster at `--ray-address`, placed as `plan_workers` says."""
+    workers = workers or WorkerConfig()
+    if workers.local:
         yield ModelEvaluator(config)
         return
-    requested = requested_actors(workers)  # a bad value fails before Ray starts
     model_folder(config.model)  # a bad model fails here, and a GGUF file is converted once, not per actor
-    with ray_connection(ray_address):
-        plan = plan_workers(requested, config, Cluster.current())
+    with ray_connection(workers.ray_address):
+        plan = plan_workers(workers, config.device, config.threads, Cluster.current())
         logger.info("starting %s", plan.describe())
-        pool = RayEvaluatorPool(start_actors(config, plan), start_timeout)
+        pool = RayEvaluatorPool(start_actors(config, plan), workers.start_timeout, chunk_timeout=workers.chunk_limit)
         try:
             yield pool
         finally:

@@ -13,7 +13,6 @@ perplexity of the chromosome that fidelity would have picked.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,7 @@ from evaluators.perplexity import nll_of_hidden
 from evaluators.surgery import layer_view
 from evaluators.text import DEV_TEXTS, text_blocks
 from experiments.report import save_results
+from ga.checkpoint import RunFolder
 
 
 def candidates(runs: Sequence[Path], top: int, extra: Sequence[str]) -> list[str]:
@@ -35,7 +35,7 @@ def candidates(runs: Sequence[Path], top: int, extra: Sequence[str]) -> list[str
     single-layer removals of importance seeding), then the extra ones."""
     chosen: list[str] = []
     for run in runs:
-        checkpoint = json.loads((run / "checkpoint.json").read_text())
+        checkpoint = RunFolder(run).load_checkpoint()
         cache = checkpoint["state"]["cache"]
         searched = [key for key in cache if layers_removed(from_string(key)) == checkpoint["removed"]]
         chosen += sorted(searched, key=lambda key: cache[key]["nll"])[:top]
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     runs = [Path(p) for p in args.runs.split(",")]
-    definition = json.loads((runs[0] / "checkpoint.json").read_text())["definition"]
+    definition = RunFolder(runs[0]).load_checkpoint()["definition"]
     seq_len = args.seq_len or definition["seq_len"]
     repair = definition.get("repair") or {"method": "none"}  # runs older than seam repair scored raw cuts
     settings = {} if repair["method"] == "none" else {"repair_tokens": repair["tokens"], "repair_ridge": repair["ridge"],

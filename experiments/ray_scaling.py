@@ -26,8 +26,9 @@ from chromosomes import budget, random_chromosome, to_string
 from evaluators.cli import fail
 from evaluators.fitness import EvaluatorConfig, Fitness
 from evaluators.models import DEFAULT_MODEL, ModelLoadError, model_folder
-from evaluators.pool import PoolError, RayEvaluatorPool, WorkerPlan, start_actors
+from evaluators.pool import PoolError, RayEvaluatorPool, start_actors
 from evaluators.text import CALIBRATION_TEXT
+from evaluators.workers import WorkerPlan
 from experiments.report import save_results
 
 COLUMNS = ["layout", "actors", "threads_per_actor", "start_s", "generation_s", "evals_per_s", "speedup"]

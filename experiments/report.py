@@ -29,13 +29,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-def save_results(stem: str, data: dict[str, Any], rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
-    """results/<stem>.json (everything), <stem>.csv and <stem>.md (the table)."""
-    write_json_atomic(RESULTS / f"{stem}.json", data)
+def save_results(stem: str, data: dict[str, Any], rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                 folder: Path = RESULTS) -> Path:
+    """<folder>/<stem>.json (everything), <stem>.csv and <stem>.md (the table); folder: results/."""
+    write_json_atomic(folder / f"{stem}.json", data)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(RESULTS / f"{stem}.csv", buffer.getvalue())
-    write_text_atomic(RESULTS / f"{stem}.md", markdown_table(rows, columns))
-    return RESULTS / f"{stem}.json"
+    write_text_atomic(folder / f"{stem}.csv", buffer.getvalue())
+    write_text_atomic(folder / f"{stem}.md", markdown_table(rows, columns))
+    return folder / f"{stem}.json"

@@ -1,21 +1,29 @@
-"""Fitness evaluations per second: gaprune's evaluator against a naive one, in one run.
+"""Fitness evaluations per second: gaprune's evaluator against a naive one, fairly, in one run.
 
-The workload replays the generations of a real GA run (its checkpoint keeps every
-generation's population). The naive evaluator answers every request with a full forward of
-the model as it would be cut (HF forward with labels, fp32, no caches). gaprune answers from
-its fitness cache when it can and shares the hidden states of common leading layers between
-the chromosomes of a generation (prefix sharing).
+The workload is a real GA run's requests, replayed generation by generation from its run folder:
+each generation's screenings (on the first --screen-tokens) and full evaluations, in the order
+the run made them (the fitness cache keeps them in that order, and the logbook says how many
+each generation made). Both evaluators answer only those: like DEAP's own loops, which evaluate
+only individuals whose fitness is invalid, the naive one never scores a chromosome twice either,
+so the comparison is of scoring alone:
+- naive: the model cut to the chromosome (repaired and merged as the run was), the whole HF
+  forward with labels, one chromosome after another;
+- gaprune: `ModelEvaluator.evaluate` on the generation's batch, which shares the hidden states
+  of common leading layers between chromosomes.
+Both use one evaluator, so repair fits and fused layers are shared (and warm after the first
+round). The whole replay runs --rounds times, the order alternating (A B, B A, ...), and each
+evaluator's median is reported.
 
-    python -m experiments.throughput --run runs/<name> --data-dir ../shared/data
+    python -m experiments.throughput --run runs/<name> --data-dir ../shared/data --threads 1
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -23,80 +31,97 @@ from chromosomes import from_string
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.surgery import layer_view
 from experiments.report import save_results
+from ga.checkpoint import RunFolder
+
+Requests = list[tuple[int | None, list[str]]]  # per batch: tokens (None: the full scoring text), gene strings
 
 
 @torch.no_grad()
-def naive_perplexity(evaluator: ModelEvaluator, genes: Sequence[int]) -> float:
-    """The straightforward way: cut the model, run the whole HF forward with labels."""
+def naive_perplexity(evaluator: ModelEvaluator, genes: Sequence[int], windows: int | None = None) -> float:
+    """The straightforward way: cut the model, run the whole HF forward with labels (on the first
+    `windows` scoring windows, or all)."""
     stack = evaluator.stack(genes)
-    blocks, size = evaluator.split.score, evaluator.config.batch_size
+    blocks, size = evaluator.split.score[:windows], evaluator.config.batch_size
     total = 0.0
     with layer_view(evaluator.model, stack.modules, stack.layer_types):
         for start in range(0, blocks.shape[0], size):
-            ids = blocks[start:start + size]
+            ids = blocks[start:start + size].to(evaluator.model.device)
             total += float(evaluator.model(input_ids=ids, labels=ids, use_cache=False).loss) * ids.shape[0] * (ids.shape[1] - 1)
     return math.exp(total / (blocks.shape[0] * (blocks.shape[1] - 1)))
 
 
-def replay_naive(evaluator: ModelEvaluator, generations: list[list[str]]) -> tuple[float, list[float]]:
+def run_requests(checkpoint: dict[str, Any], screen_tokens: int) -> Requests:
+    """The run's scoring calls in order: the seeding scans, then per generation its screenings
+    and its full evaluations (the caches keep insertion order; the logbook gives the counts)."""
+    state = checkpoint["state"]
+    full, screened = list(state["cache"]), list(state["screen_cache"])
+    logbook = state["logbook"]
+    seeding = logbook[0]["total_evals"] - logbook[0]["evals"]
+    batches: Requests = [(None, full[:seeding])] if seeding else []
+    done_full, done_screened = seeding, 0
+    for record in logbook:
+        screenings = record["screenings"] - done_screened
+        if screenings:
+            batches.append((screen_tokens, screened[done_screened:done_screened + screenings]))
+        if record["evals"]:
+            batches.append((None, full[done_full:done_full + record["evals"]]))
+        done_full, done_screened = done_full + record["evals"], record["screenings"]
+    return batches
+
+
+def replay(evaluator: ModelEvaluator, requests: Requests, naive: bool) -> tuple[float, list[float]]:
     started = time.perf_counter()
-    values = [naive_perplexity(evaluator, from_string(key)) for population in generations for key in population]
+    values: list[float] = []
+    for tokens, keys in requests:
+        genes = [from_string(key) for key in keys]
+        if naive:
+            windows = None if tokens is None else tokens // evaluator.config.seq_len
+            values += [naive_perplexity(evaluator, g, windows) for g in genes]
+        else:
+            values += [f.perplexity for f in evaluator.evaluate(genes, tokens)]
     return time.perf_counter() - started, values
-
-
-def replay_gaprune(evaluator: ModelEvaluator, generations: list[list[str]], use_cache: bool) -> tuple[float, int]:
-    """Each generation scored as the GA does it: known chromosomes from the cache, the rest in one batch."""
-    cache: dict[str, float] = {}
-    scored = 0
-    started = time.perf_counter()
-    for population in generations:
-        todo = list(dict.fromkeys(k for k in population if k not in cache)) if use_cache else list(population)
-        for key, fitness in zip(todo, evaluator.evaluate([from_string(k) for k in todo])):
-            cache[key] = fitness.perplexity
-        scored += len(todo)
-    return time.perf_counter() - started, scored
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a GA run folder whose generations are replayed")
-    parser.add_argument("--generations", type=int, default=0, help="how many generations to replay, from the first (0: all)")
+    parser.add_argument("--run", required=True, help="a GA run folder whose requests are replayed")
+    parser.add_argument("--rounds", type=int, default=3, help="replays per evaluator, alternating which goes first")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--score-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
-    run = Path(args.run)
-    saved = json.loads((run / "config.json").read_text())["evaluator"]
-    history = json.loads((run / "checkpoint.json").read_text())["state"]["history"]
-    generations = [entry["population"] for entry in history[: args.generations or None]]
-    config = EvaluatorConfig(**{**saved, "data_dir": args.data_dir or saved.get("data_dir"),
-                                "score_tokens": args.score_tokens, "calib_steps": 0,
-                                "repair": saved.get("repair", "none")})  # runs before seam repair scored raw cuts
-    requests = sum(len(p) for p in generations)
+    run = RunFolder(Path(args.run))
+    saved = run.read_config()
+    checkpoint = run.load_checkpoint()
+    requests = run_requests(checkpoint, saved["search"]["screen_tokens"])
+    config = EvaluatorConfig.from_dict({**saved["evaluator"], "data_dir": args.data_dir or saved["evaluator"].get("data_dir"),
+                                        "threads": args.threads, "align_cache": None})
+    evaluator = ModelEvaluator(config)
+    if evaluator.describe() != checkpoint["definition"]:
+        raise SystemExit(f"{run.path} measured fitness otherwise than this code does: the replay would not be its run")
 
-    shared = ModelEvaluator(config)
-    ours_time, ours_scored = replay_gaprune(shared, generations, use_cache=True)
-    prefix_only = ModelEvaluator(config)
-    prefix_time, prefix_scored = replay_gaprune(prefix_only, generations, use_cache=False)
-    naive = ModelEvaluator(EvaluatorConfig(**{**config.to_dict(), "share_prefix": False}))
-    naive_time, naive_values = replay_naive(naive, generations)
-    check = shared.evaluate([from_string(k) for k in generations[-1][:4]])
-    agreement = max(abs(f.perplexity - v) / v for f, v in zip(check, naive_values[-len(generations[-1]):][:4]))
-
-    rows = [
-        {"evaluator": "naive (HF forward, no caches)", "requests": requests, "forwards": requests,
-         "seconds": naive_time, "requests_per_s": requests / naive_time, "speedup": 1.0},
-        {"evaluator": "gaprune, prefix sharing only", "requests": requests, "forwards": prefix_scored,
-         "seconds": prefix_time, "requests_per_s": requests / prefix_time, "speedup": naive_time / prefix_time},
-        {"evaluator": "gaprune (cache + prefix sharing)", "requests": requests, "forwards": ours_scored,
-         "seconds": ours_time, "requests_per_s": requests / ours_time, "speedup": naive_time / ours_time},
-    ]
-    columns = ["evaluator", "requests", "forwards", "seconds", "requests_per_s", "speedup"]
-    save_results("throughput", {"run": str(run), "generations": len(generations), "evaluator": config.to_dict(),
-                                "device": str(shared.model.device), "threads": torch.get_num_threads(),
+    seconds: dict[str, list[float]] = {"naive": [], "gaprune": []}
+    values: dict[str, list[float]] = {}
+    for round_ in range(args.rounds):
+        for name in (("naive", "gaprune") if round_ % 2 == 0 else ("gaprune", "naive")):
+            taken, values[name] = replay(evaluator, requests, naive=name == "naive")
+            seconds[name].append(taken)
+            print(f"round {round_} {name}: {taken:.1f} s", flush=True)
+    agreement = max(abs(a - b) / b for a, b in zip(values["gaprune"], values["naive"]))
+    count = sum(len(keys) for _, keys in requests)
+    screenings = sum(len(keys) for tokens, keys in requests if tokens is not None)
+    rows = [{"evaluator": name, "requests": count, "median seconds": statistics.median(times),
+             "requests_per_s": count / statistics.median(times),
+             "speedup": statistics.median(seconds["naive"]) / statistics.median(times),
+             "seconds per round": ", ".join(f"{t:.1f}" for t in times)}
+            for name, times in seconds.items()]
+    columns = ["evaluator", "requests", "median seconds", "requests_per_s", "speedup", "seconds per round"]
+    save_results("throughput", {"run": str(run.path), "requests": count, "screenings": screenings,
+                                "batches": len(requests), "rounds": args.rounds, "evaluator": config.to_dict(),
+                                "device": str(evaluator.model.device), "threads": torch.get_num_threads(),
                                 "max_relative_difference_vs_naive": agreement, "rows": rows}, rows, columns)
     for row in rows:
-        print(f"{row['evaluator']:36s} {row['requests_per_s']:.3f} requests/s  x{row['speedup']:.2f}")
+        print(f"{row['evaluator']:8s} {row['requests_per_s']:.3f} requests/s  x{row['speedup']:.2f}")
     print(f"largest relative perplexity difference, gaprune vs naive: {agreement:.2e}")
 
 

@@ -1,6 +1,7 @@
 """TensorBoard view of a search: fitness curves, diversity, speed, and the evolving layer map.
 
-Layer-map images have one row per generation and one column per decoder layer:
+Layer-map images have one row per generation (the last MAP_GENERATIONS, so that drawing them
+costs the same at generation 500 as at generation 5) and one column per decoder layer:
 - `layer_map/best`: the best individual's genes (black = SKIP, white = KEEP, orange = MERGE);
 - `layer_map/frequency`: the population's gene shares as colour (blue = SKIP, green = KEEP,
   red = MERGE; a pure colour means the whole population agrees on that layer).
@@ -15,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 GENE_COLOURS = np.array([[20, 20, 20], [235, 235, 235], [255, 140, 0]], dtype=np.uint8)
 CELL = 8  # pixels per gene, so that a 30-layer map is readable
+MAP_GENERATIONS = 200  # rows of a layer map: the most recent generations
 
 
 class Board:
@@ -37,8 +39,9 @@ class Board:
         w.add_scalar("speed/seconds_per_generation", seconds, step)
         w.add_scalar("speed/evaluations_per_second", record["evals"] / seconds if seconds > 0 else 0.0, step)
         w.add_histogram(f"population/{self.objective}", np.asarray(fitnesses, dtype=np.float64), step)
-        w.add_image("layer_map/best", best_map(history), step, dataformats="HWC")
-        w.add_image("layer_map/frequency", frequency_map(history), step, dataformats="HWC")
+        recent = history[-MAP_GENERATIONS:]
+        w.add_image("layer_map/best", best_map(recent), step, dataformats="HWC")
+        w.add_image("layer_map/frequency", frequency_map(recent), step, dataformats="HWC")
         w.add_text("best/chromosome", f"`{history[-1]['best']}` {self.objective} {record['best']:.4f}", step)
         w.flush()
 

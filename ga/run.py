@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evaluators.cli import add_config_arguments, fail, interrupt_status, say, terminate_like_interrupt
-from evaluators.fitness import EvaluatorConfig
+from evaluators.fitness import DeviceMemoryError, EvaluatorConfig
 from evaluators.models import ModelLoadError
+from evaluators.workers import WorkerConfig
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig, saved_search
 from ga.engine import check_screening, evolve, stop_reason
 from ga.summary import build_summary, summary_lines, write_summary
 
-RUNTIME_DEFAULTS: dict[str, Any] = {"workers": "auto", "ray_address": None}
 # Settings that change how a run is computed but not what it computes: --resume may change them.
-RESUMABLE = {"gens", "max_evals", "patience", "device", "threads", "batch_size", "data_dir", "share_prefix"}
+RESUMABLE = {"gens", "max_evals", "patience", "device", "threads", "batch_size", "data_dir", "share_prefix",
+             "align_cache", "merge_cache_gb"}
 _GIVEN = object()  # marks options the user did not type, so that --resume keeps the run's values
 
 
@@ -32,17 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: python -m ga.run --ratio 0.25 --fitness kl --patience 10")
     add_config_arguments(parser, SearchConfig, "search")
     add_config_arguments(parser, EvaluatorConfig, "fitness (model, text, calibration)")
+    add_config_arguments(parser, WorkerConfig, "workers (Ray actors; none of these changes a fitness)")
     run = parser.add_argument_group("run")
-    run.add_argument("--workers", default=RUNTIME_DEFAULTS["workers"],
-                     help="local (in-process), auto (one Ray actor per GPU, or one CPU actor), or a number of actors "
-                          "(default: auto)")
-    run.add_argument("--ray-address", default=RUNTIME_DEFAULTS["ray_address"],
-                     help="join an existing Ray cluster (auto or host:port) instead of starting one")
     run.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
     run.add_argument("--name", default=None, help="run folder name (default: ga-<date>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None,
                      help="continue the run in RUN_DIR with its saved settings; only --gens, --max-evals, "
-                          "--patience, --workers, --ray-address, --device, --threads, --batch-size, --data-dir and --share-prefix may change")
+                          "--patience, the worker settings, --device, --threads, --batch-size, --data-dir and "
+                          "--share-prefix may change")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return parser
 
@@ -76,18 +74,26 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[RunFolder, dict
         config = {
             "search": _section(SearchConfig, args, search, given),
             "evaluator": _section(EvaluatorConfig, args, saved["evaluator"], given),
-            "runtime": {**saved.get("runtime", RUNTIME_DEFAULTS),
-                        **{k: getattr(args, k) for k in RUNTIME_DEFAULTS if k in given}},
+            "runtime": _section(WorkerConfig, args, WorkerConfig.from_dict(saved.get("runtime", {})).to_dict(), given),
         }
-        return folder, config
+        return folder, with_alignment_store(config, folder)
     everything = set(vars(args))
     config = {
         "search": _section(SearchConfig, args, {}, everything),
         "evaluator": _section(EvaluatorConfig, args, {}, everything),
-        "runtime": {k: getattr(args, k) for k in RUNTIME_DEFAULTS},
+        "runtime": _section(WorkerConfig, args, {}, everything),
     }
-    name = args.name or time.strftime("ga-%Y%m%d-%H%M%S")
-    return RunFolder(Path(args.out) / name), config
+    folder = RunFolder(Path(args.out) / (args.name or time.strftime("ga-%Y%m%d-%H%M%S")))
+    return folder, with_alignment_store(config, folder)
+
+
+def with_alignment_store(config: dict[str, Any], folder: RunFolder) -> dict[str, Any]:
+    """Alignments go to the run folder unless --align-cache says where: actors share them, and a
+    resumed run reads them back instead of aligning again."""
+    evaluator = config["evaluator"]
+    if evaluator.get("align_cache") is None:
+        config["evaluator"] = {**evaluator, "align_cache": str(folder.path / "alignments")}
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder, config = plan_run(args, given_options(parser, argv))
         search = SearchConfig.from_dict(config["search"])
         evaluator_config = EvaluatorConfig.from_dict(config["evaluator"])
+        workers = WorkerConfig.from_dict(config["runtime"])
         if not args.resume:
             folder.refuse_existing()
     except (RunError, ValueError) as error:  # ChromosomeError and TextError are ValueErrors
@@ -108,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with terminate_like_interrupt():
-            say(f"loading {evaluator_config.model} ({config['runtime']['workers']} workers)", args.progress)
-            with open_evaluator(evaluator_config, config["runtime"]["workers"], config["runtime"]["ray_address"]) as evaluator:
+            say(f"loading {evaluator_config.model} ({workers.workers} workers)", args.progress)
+            with open_evaluator(evaluator_config, workers) as evaluator:
                 search.removed(evaluator.num_layers)  # an impossible budget fails before the folder exists
                 check_screening(search, evaluator.describe())
                 if args.resume:
@@ -124,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted: every finished generation is checkpointed in {folder.checkpoint_path}\n"
               f"continue with: python -m ga.run --resume {folder.path}", file=sys.stderr)
         return interrupt_status(interrupt)
-    except (RunError, ModelLoadError, ValueError, TimeoutError, ConnectionError, PoolError) as error:
+    except (RunError, ModelLoadError, ValueError, TimeoutError, ConnectionError, PoolError, DeviceMemoryError) as error:
         fail(str(error))
     summary = build_summary(state, definition, dense, stop_reason(state, search, definition) or "stopped",
                             time.perf_counter() - started, folder.best_path)

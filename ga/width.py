@@ -35,7 +35,8 @@ from evaluators.text import text_blocks
 from evaluators.width import IMPORTANCE, prune_width, unit_importance
 
 # Evaluator settings that mean nothing here: width pruning scores no GA fitness.
-UNUSED = ("calib_steps", "calib_batch", "calib_lr", "merge_rule", "align", "align_tokens", "repair",
+UNUSED = ("calib_steps", "calib_batch", "calib_lr", "merge_rule", "align", "align_tokens", "align_method",
+          "align_cache", "merge_cache_gb", "repair",
           "repair_tokens", "repair_inputs", "repair_ridge", "repair_min_run", "fitness", "share_prefix")
 
 

@@ -7,7 +7,7 @@ import torch
 from chromosomes import ChromosomeError
 from evaluators.calibration import norm_parameters
 from evaluators.families import family_of
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.fitness import DeviceMemoryError, EvaluatorConfig, ModelEvaluator
 from tests.tiny import FAMILIES, MERGEABLE, REPAIRABLE
 
 DENSE = [1, 1, 1, 1, 1, 1]
@@ -121,3 +121,48 @@ def test_calibration_in_bf16_trains_fp32_masters_and_restores_the_bf16_weights_b
     assert tuned.nll != raw.nll  # in bf16 without fp32 masters the step was lost
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, weights[name])
                for name, p in calibrated.model.named_parameters())
+
+
+def running_out_of_memory_above(evaluator, windows: int):
+    """Make every forward of more than `windows` windows fail as a GPU out of memory does."""
+    def check(_module, args):
+        if args[0].shape[0] > windows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {args[0].shape[0]} windows)")
+    return evaluator.model.model.embed_tokens.register_forward_pre_hook(check)
+
+
+@pytest.mark.parametrize("batch_size, fits, halved_to", [(4, 2, 2), (4, 1, 1), (3, 1, 1)])
+def test_out_of_memory_scores_again_with_fewer_windows_per_forward(llama_dir, text_file, batch_size, fits, halved_to):
+    evaluator = make(llama_dir, text_file, batch_size=batch_size)
+    hook = running_out_of_memory_above(evaluator, fits)
+    scored = evaluator.evaluate(POPULATION)
+    hook.remove()
+    assert evaluator.batch_size == halved_to
+    expected = make(llama_dir, text_file, batch_size=halved_to).evaluate(POPULATION)
+    assert [f.nll for f in scored] == [f.nll for f in expected]
+
+
+def test_out_of_memory_at_one_window_says_what_to_change(llama_dir, text_file):
+    evaluator = make(llama_dir, text_file, batch_size=2)
+    running_out_of_memory_above(evaluator, 0)
+    with pytest.raises(DeviceMemoryError, match="out of memory on cpu scoring one window of 32 tokens.*--seq-len"):
+        evaluator.evaluate(POPULATION[:2])
+
+
+def test_the_gpu_benchmark_runs_end_to_end_on_a_tiny_shape(tmp_path):
+    """experiments/gpu_bench --smoke: every part of the one-call GPU benchmark, on the CPU."""
+    import json
+    from experiments import gpu_bench
+
+    gpu_bench.main(["--smoke", "--rounds", "2", "--population", "3", "--out-dir", str(tmp_path)])
+    rows = {row["part"]: row for row in json.loads((tmp_path / "gpu_bench-smoke.json").read_text())["rows"]}
+    assert {"fitness, naive", "fitness, gaprune", "fitness, gaprune / naive", "alignment statistics",
+            "alignment, greedy (device)", "alignment, hungarian (CPU)"} <= set(rows)
+    assert rows["fitness, gaprune"]["evaluations/s"] > 0 and rows["fitness, gaprune"]["TFLOP/s"] > 0
+    calibrated = rows["fitness, calibrated (2 norm steps)"]
+    repaired = rows["fitness, seam-repaired (lsq, 1024 tokens)"]
+    assert math.isfinite(calibrated["perplexity"]) and math.isfinite(repaired["perplexity"])
+    assert rows["alignment statistics"]["units"] == 256 and rows["alignment statistics"]["tokens"] == 2048
+    greedy_fit = rows["alignment, greedy (device)"]["mean correlation"]
+    assert 0.9 * rows["alignment, hungarian (CPU)"]["mean correlation"] <= greedy_fit
+    assert (tmp_path / "gpu_bench-smoke.md").read_text().startswith("| part |")

@@ -41,7 +41,7 @@ def test_ga_finds_a_planted_optimum_far_more_often_than_random_search(tmp_path):
 def test_every_individual_meets_the_budget_and_nothing_is_scored_twice(tmp_path):
     evaluator = PlantedEvaluator(TARGET)
     state = run(tmp_path, "budget", evaluator, gens=10)
-    checkpoint = json.loads((tmp_path / "budget" / "checkpoint.json").read_text())
+    checkpoint = RunFolder(tmp_path / "budget").load_checkpoint()
     for entry in checkpoint["state"]["population"] + checkpoint["state"]["hall_of_fame"]:
         validate(entry["genes"], 24)
         assert layers_removed(entry["genes"]) == 8
@@ -75,7 +75,7 @@ def test_importance_seeding_starts_from_the_one_shot_chromosome(tmp_path):
     from ga.seeding import single_skips
     one_shot = skip_lowest([state.cache[to_string(genes)].value for genes in single_skips(24)], 8)
     assert state.seed == to_string(one_shot) and state.seed in state.cache
-    saved = json.loads((tmp_path / "seeded" / "checkpoint.json").read_text())["state"]
+    saved = RunFolder(tmp_path / "seeded").load_checkpoint()["state"]
     assert saved["seed"] == state.seed and saved["history"][0]["best"] in state.cache
 
 
@@ -83,7 +83,7 @@ def test_influence_seeding_costs_one_evaluation_and_surrounds_the_one_shot_chrom
     evaluator = PlantedEvaluator(TARGET)
     state = run(tmp_path, "influence", evaluator, gens=1, init="influence")
     seed = skip_lowest(evaluator.block_influence(), 8)
-    first = json.loads((tmp_path / "influence" / "checkpoint.json").read_text())["state"]["history"][0]
+    first = RunFolder(tmp_path / "influence").load_checkpoint()["state"]["history"][0]
     assert state.seed == to_string(seed) and state.seed in evaluator.calls
     distances = [sum(a != b for a, b in zip(from_string(key), seed)) for key in first["population"]]
     assert max(distances) <= 6  # 1 to 3 mutations, each changing at most two genes
@@ -106,6 +106,48 @@ def test_continuing_in_steps_equals_one_run(tmp_path):
     steps = run(tmp_path, "steps", PlantedEvaluator(TARGET), gens=8, seed=5)
     assert list(steps.logbook) == list(whole.logbook)
     assert steps.best() == whole.best()
+
+
+def line_count(path):
+    return len(path.read_text().splitlines())
+
+
+def test_lines_logged_by_a_generation_killed_before_its_checkpoint_are_dropped_on_resume(tmp_path):
+    whole = run(tmp_path, "whole", PlantedEvaluator(TARGET), gens=6, seed=5)
+    run(tmp_path, "killed", PlantedEvaluator(TARGET), gens=3, seed=5)
+    folder = tmp_path / "killed"
+    for log in ("generations", "evaluations"):  # what generation 4 appended before the kill, the last line cut
+        with (folder / f"{log}.jsonl").open("a") as handle:
+            handle.write('{"logbook": {"gen": 4}, "history": {}}\n{"key": "0101", "scr')
+    covered = json.loads((folder / "checkpoint.json").read_text())["logged"]
+    resumed = run(tmp_path, "killed", PlantedEvaluator(TARGET), gens=6, seed=5)
+    assert list(resumed.logbook) == list(whole.logbook) and resumed.cache == whole.cache
+    assert line_count(folder / "generations.jsonl") == 7 == covered["logbook"] + 3
+    assert line_count(folder / "evaluations.jsonl") == len(whole.cache) + len(whole.screen_cache)
+    assert RunFolder(folder).load_checkpoint() == RunFolder(tmp_path / "whole").load_checkpoint()
+
+
+def test_a_version_1_checkpoint_with_everything_inline_resumes_exactly(tmp_path):
+    whole = run(tmp_path, "whole", PlantedEvaluator(TARGET), gens=6, seed=5)
+    run(tmp_path, "old", PlantedEvaluator(TARGET), gens=3, seed=5)
+    folder = tmp_path / "old"
+    inline = RunFolder(folder).load_checkpoint()
+    del inline["logged"]
+    (folder / "checkpoint.json").write_text(json.dumps({**inline, "version": 1}))
+    for log in ("generations", "evaluations"):
+        (folder / f"{log}.jsonl").unlink()
+    resumed = run(tmp_path, "old", PlantedEvaluator(TARGET), gens=6, seed=5)
+    assert list(resumed.logbook) == list(whole.logbook) and resumed.cache == whole.cache
+    assert RunFolder(folder).load_checkpoint() == RunFolder(tmp_path / "whole").load_checkpoint()
+
+
+def test_the_checkpoint_stays_the_same_size_as_the_run_grows(tmp_path):
+    run(tmp_path, "grow", PlantedEvaluator(TARGET), gens=5, pop=8)
+    early = (tmp_path / "grow" / "checkpoint.json").stat().st_size
+    state = run(tmp_path, "grow", PlantedEvaluator(TARGET), gens=60, pop=8)
+    assert state.generation == 60 and len(state.cache) > 4 * 5 * 2
+    assert (tmp_path / "grow" / "checkpoint.json").stat().st_size < 1.1 * early
+    assert line_count(tmp_path / "grow" / "generations.jsonl") == 61
 
 
 def test_resume_refuses_another_budget_or_fitness_and_a_finished_run(tmp_path):
@@ -309,3 +351,18 @@ def test_importance_seeding_steers_mutation_away_from_vital_layers(tmp_path, mon
     monkeypatch.setattr(engine, "mutation_weights", lambda *args: None)
     uniform = run(tmp_path, "uniform", VitalLayers(TARGET), gens=10, init="importance")
     assert hopeless_share(guided) < 0.05 < 0.1 < hopeless_share(uniform)  # measured: 0.017 and 0.19
+
+
+def test_a_runs_requests_are_read_back_in_the_order_it_made_them(tmp_path):
+    """experiments.throughput replays a run's scoring calls from its folder: the seeding scans,
+    then each generation's screenings and full evaluations, each chromosome once."""
+    from experiments.throughput import run_requests
+
+    evaluator = PlantedEvaluator(TARGET)
+    state = run(tmp_path, "replayed", evaluator, gens=4, init="importance")
+    requests = run_requests(RunFolder(tmp_path / "replayed").load_checkpoint(), 1024)
+    assert requests[0] == (None, list(state.cache)[:24])  # the single-layer scans
+    full = [key for tokens, keys in requests if tokens is None for key in keys]
+    screened = [key for tokens, keys in requests if tokens == 1024 for key in keys]
+    assert full == list(state.cache) and screened == list(state.screen_cache)
+    assert full == list(evaluator.calls) and screened == list(evaluator.screened)  # the run's own order

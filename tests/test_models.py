@@ -43,3 +43,19 @@ def test_an_id_neither_cached_nor_reachable_fails_in_one_line(tmp_path):
     assert "'tiny-org/not-there' is not a local folder, and neither the Hugging Face cache nor the hub " \
            "(HF_HUB_OFFLINE is set) provides it" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_balanced_placement_keeps_every_decoder_layer_whole_and_in_order(tiny_models):
+    """What an actor of several GPUs loads with (`--device balanced`), planned for fake GPUs of
+    equal memory: every layer on one GPU, consecutive layers together, every GPU used."""
+    import torch
+
+    from evaluators.models import balanced_device_map
+
+    for family in ("llama", "qwen2", "phi3"):
+        for gpus in (2, 3):
+            placement = balanced_device_map(tiny_models[family], gpus, torch.float32, {i: 10**9 for i in range(gpus)})
+            layers = [placement[f"model.layers.{i}"] for i in range(6)]
+            assert layers == sorted(layers) and set(layers) == set(range(gpus)), (family, placement)
+            assert not any(key.startswith("model.layers.") and key.count(".") > 2 for key in placement)  # none split
+            assert placement["model.embed_tokens"] == 0

@@ -1,7 +1,8 @@
 """The Ray evaluation pool: same numbers as in-process, whatever actor or order, through faults.
 
-One Ray for the whole session, CPU only, with two fake GPUs (`num_gpus=2`): actors that ask for
-a GPU get a GPU id and CUDA_VISIBLE_DEVICES from Ray but run on the CPU.
+One Ray for the whole session, CPU only, with four fake GPUs (`num_gpus=4`): actors that ask for
+GPUs get GPU ids and CUDA_VISIBLE_DEVICES from Ray but run on the CPU. The module's GPU pool
+holds two of them, so that an actor of two GPUs can still be placed beside it.
 """
 import os
 import threading
@@ -9,13 +10,12 @@ import time
 
 import pytest
 import ray
+import torch
 
 from chromosomes import ChromosomeError
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.pool import (
-    Cluster, EvaluatorWorker, RayEvaluatorPool, WorkerPlan, open_evaluator, plan_workers, requested_actors,
-    start_actors,
-)
+from evaluators.fitness import DeviceMemoryError, EvaluatorConfig, ModelEvaluator
+from evaluators.pool import EvaluatorWorker, PoolError, RayEvaluatorPool, open_evaluator, start_actors
+from evaluators.workers import Cluster, WorkerConfig, WorkerPlan, plan_workers
 from evaluators.text import TextError
 
 # Ten chromosomes of the 6-layer tiny model, skips and merges; FIRST sorts first by genes.
@@ -26,9 +26,9 @@ POPULATION = [(1, 0, 1, 1, 0, 1), (1, 1, 1, 1, 1, 1), (1, 2, 1, 1, 0, 1), FIRST,
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """The one Ray of the session (start-up costs seconds): 8 logical CPUs, 2 fake GPUs."""
+    """The one Ray of the session (start-up costs seconds): 8 logical CPUs, 4 fake GPUs."""
     os.environ["GAPRUNE_CACHE"] = str(tmp_path_factory.getbasetemp() / "gaprune-cache")  # as conftest's
-    ray.init(num_cpus=8, num_gpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    ray.init(num_cpus=8, num_gpus=4, object_store_memory=100 * 1024**2, include_dashboard=False)
     yield Cluster.current()
     ray.shutdown()
 
@@ -48,8 +48,8 @@ def reference(config):
 
 @pytest.fixture(scope="module")
 def gpu_pool(ray_cluster, config):
-    """`--workers auto` on the fake-GPU cluster: one actor per GPU."""
-    with open_evaluator(config, "auto") as pool:
+    """Two GPU actors on the fake-GPU cluster: one GPU each."""
+    with open_evaluator(config, WorkerConfig(workers="2")) as pool:
         yield pool
 
 
@@ -96,7 +96,7 @@ def test_pool_block_influence_equals_the_in_process_one(gpu_pool, config):
 
 def test_each_actor_is_pinned_to_its_own_gpu(gpu_pool):
     placements = gpu_pool.placements
-    assert sorted(p["gpu_ids"][0] for p in placements) == ["0", "1"]
+    assert len({p["gpu_ids"][0] for p in placements}) == 2 and all(len(p["gpu_ids"]) == 1 for p in placements)
     assert all(p["gpu_ids"] == [p["cuda_visible_devices"]] for p in placements)
     assert all(p["device"] == "cpu" for p in placements)  # fake GPUs: device auto stays on the CPU
     assert len({p["pid"] for p in placements}) == 2
@@ -123,7 +123,7 @@ def test_killed_actor_is_restarted_and_its_chunk_resubmitted(slow_pool, slow_act
 
 def test_actor_dead_for_good_is_dropped_and_the_others_finish(ray_cluster, config, reference):
     actors = start_actors(config, WorkerPlan(actors=2, gpus=0, threads=1), worker=SlowWorker)
-    pool = RayEvaluatorPool(actors, start_timeout=60)
+    pool = RayEvaluatorPool(actors, start_timeout=180)  # model loading on a loaded 2-core machine
     killer = threading.Timer(0.5, lambda: ray.kill(actors[0], no_restart=True))
     killer.start()
     try:
@@ -135,8 +135,91 @@ def test_actor_dead_for_good_is_dropped_and_the_others_finish(ray_cluster, confi
     assert nll_and_tokens(scored) == nll_and_tokens(reference[None])
 
 
+def hanging_worker(marker, hangs: int = 1):
+    """An actor class that hangs (as on a stuck GPU) on its first `hangs` calls holding FIRST, or
+    of block_influence, counted across restarts in `marker`, and then works."""
+    def hang_if_due():
+        calls = int(marker.read_text()) if marker.exists() else 0
+        marker.write_text(str(calls + 1))
+        if calls < hangs:
+            time.sleep(3600)
+
+    class HangingWorker(EvaluatorWorker):
+        def evaluate(self, population, tokens=None):
+            if FIRST in map(tuple, population):
+                hang_if_due()
+            return super().evaluate(population, tokens)
+
+        def block_influence(self):
+            hang_if_due()
+            return super().block_influence()
+    return HangingWorker
+
+
+def test_a_chunk_past_its_timeout_has_its_actor_restarted_and_is_scored_again(ray_cluster, config, reference, tmp_path):
+    actors = start_actors(config, WorkerPlan(actors=2, gpus=0, threads=1), worker=hanging_worker(tmp_path / "calls"))
+    pool = RayEvaluatorPool(actors, start_timeout=300, chunk_timeout=15)
+    try:
+        scored = pool.evaluate(POPULATION)
+    finally:
+        pool.close()
+    report = pool.last_generation
+    assert report.timed_out == 1 and report.resubmitted == 1 and report.lost_actors == 0
+    assert nll_and_tokens(scored) == nll_and_tokens(reference[None])
+
+
+def test_a_chunk_that_always_hangs_fails_the_generation_with_the_reason(ray_cluster, config, tmp_path):
+    actors = start_actors(config, WorkerPlan(actors=1, gpus=0, threads=1),
+                          worker=hanging_worker(tmp_path / "calls", hangs=10))
+    pool = RayEvaluatorPool(actors, start_timeout=300, chunk_timeout=10, max_chunk_attempts=2)
+    try:
+        with pytest.raises(PoolError, match="failed 2 times; the last time it took over 10 s"):
+            pool.evaluate(POPULATION)
+    finally:
+        pool.close()
+    assert (tmp_path / "calls").read_text() == "2"
+
+
+def test_block_influence_asks_the_next_actor_when_one_hangs(ray_cluster, config, tmp_path):
+    actors = start_actors(config, WorkerPlan(actors=2, gpus=0, threads=1), worker=hanging_worker(tmp_path / "calls"))
+    pool = RayEvaluatorPool(actors, start_timeout=300, chunk_timeout=10)
+    try:
+        assert pool.block_influence() == ModelEvaluator(config).block_influence()
+    finally:
+        pool.close()
+
+
+class OutOfMemoryWorker(EvaluatorWorker):
+    """Its model runs out of memory on every forward, whatever the batch."""
+
+    def __init__(self, config):
+        super().__init__(config)
+
+        def out_of_memory(_module, _args):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        self._loaded().model.model.embed_tokens.register_forward_pre_hook(out_of_memory)
+
+
+def test_out_of_memory_at_one_window_in_an_actor_is_raised_as_itself(ray_cluster, config):
+    pool = RayEvaluatorPool(start_actors(config, WorkerPlan(actors=1, gpus=0, threads=1), worker=OutOfMemoryWorker),
+                            start_timeout=300)
+    try:
+        with pytest.raises(DeviceMemoryError, match="out of memory on cpu scoring one window of 32 tokens"):
+            pool.evaluate(POPULATION[:3])
+    finally:
+        pool.close()
+
+
+def test_an_actor_of_several_gpus_gets_them_all_and_loads_balanced(ray_cluster, config):
+    with open_evaluator(config, WorkerConfig(workers="1", gpus_per_worker=2)) as pool:
+        (placement,) = pool.placements
+        assert len(set(placement["gpu_ids"])) == 2
+        assert sorted(placement["cuda_visible_devices"].split(",")) == sorted(placement["gpu_ids"])
+        assert placement["device"] == "cpu"  # fake GPUs: balanced, like auto, stays on the CPU
+
+
 def test_actor_asking_for_a_missing_gpu_fails_within_the_timeout(ray_cluster, config):
-    actor = ray.remote(EvaluatorWorker).options(num_gpus=3).remote(config)
+    actor = ray.remote(EvaluatorWorker).options(num_gpus=5).remote(config)
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="1 of 1 evaluation actors did not start within 2 s"):
         RayEvaluatorPool([actor], start_timeout=2)
@@ -146,7 +229,7 @@ def test_actor_asking_for_a_missing_gpu_fails_within_the_timeout(ray_cluster, co
 def test_text_error_inside_an_actor_is_raised_as_itself(ray_cluster, config, tmp_path):
     missing = EvaluatorConfig(**{**config.to_dict(), "data": str(tmp_path / "absent.txt"), "device": "cpu"})
     with pytest.raises(TextError, match="unknown text"):
-        with open_evaluator(missing, "1", start_timeout=60):
+        with open_evaluator(missing, WorkerConfig(workers="1", start_timeout=60)):
             pass
 
 
@@ -157,15 +240,26 @@ def test_bad_chromosomes_and_token_counts_are_raised_as_themselves(gpu_pool):
         gpu_pool.evaluate(POPULATION[:2], tokens=4096)
 
 
-@pytest.mark.parametrize("workers, message", [
-    ("two", "--workers must be local, auto or a positive number"),
-    ("0", "--workers must be local, auto or a positive number"),
-    ("-1", "--workers must be local, auto or a positive number"),
-    ("3", "asks for 3 GPU actors but the Ray cluster has 2 GPUs"),
+@pytest.mark.parametrize("settings, message", [
+    ({"workers": "two"}, "--workers must be local, auto or a positive number"),
+    ({"workers": "0"}, "--workers must be local, auto or a positive number"),
+    ({"workers": "-1"}, "--workers must be local, auto or a positive number"),
+    ({"gpus_per_worker": 0}, "gpus_per_worker must be a positive integer"),
+    ({"chunk_timeout": -1.0}, "chunk_timeout must be a number of seconds"),
+    ({"start_timeout": 0.0}, "start_timeout must be a positive number"),
 ])
-def test_bad_workers_value_names_the_problem(ray_cluster, config, workers, message):
+def test_bad_worker_settings_name_the_problem(settings, message):
     with pytest.raises(ValueError, match=message):
-        with open_evaluator(config, workers):
+        WorkerConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"workers": "5"}, "--workers 5 with --gpus-per-worker 1 asks for 5 GPUs but the Ray cluster has 4"),
+    ({"gpus_per_worker": 5}, "the largest node of the Ray cluster has 4 GPUs"),
+])
+def test_worker_settings_the_cluster_cannot_honour_name_the_problem(ray_cluster, config, settings, message):
+    with pytest.raises(ValueError, match=message):
+        with open_evaluator(config, WorkerConfig(**settings)):
             pass
 
 
@@ -176,32 +270,47 @@ def test_bad_workers_value_names_the_problem(ray_cluster, config, workers, messa
 ])
 def test_bad_ray_address_names_the_problem(config, address, error, message):
     with pytest.raises(error, match=message):
-        with open_evaluator(config, "auto", ray_address=address):
+        with open_evaluator(config, WorkerConfig(ray_address=address)):
             pass
 
 
-CPU = Cluster(gpus=0, cpus=8, node_cpus=8)
-GPU = Cluster(gpus=4, cpus=32, node_cpus=16)
+CPU = Cluster(gpus=0, cpus=8, node_cpus=8, node_gpus=0)
+GPU = Cluster(gpus=4, cpus=32, node_cpus=16, node_gpus=4)
+TWO_NODES = Cluster(gpus=16, cpus=64, node_cpus=32, node_gpus=8)  # 2 nodes of 8 GPUs
 
 
 @pytest.mark.parametrize("cluster, workers, settings, plan", [
-    (CPU, "auto", {}, WorkerPlan(1, 0, 8)),
-    (CPU, "2", {}, WorkerPlan(2, 0, 4)),
-    (CPU, "3", {}, WorkerPlan(3, 0, 2)),  # equal shares: the same threads give the same numbers
-    (CPU, "2", {"threads": 3}, WorkerPlan(2, 0, 3)),
-    (Cluster(gpus=0, cpus=32, node_cpus=8), "auto", {}, WorkerPlan(1, 0, 8)),  # no actor spans two nodes
-    (GPU, "auto", {}, WorkerPlan(4, 1, 1)),
-    (GPU, "2", {}, WorkerPlan(2, 1, 1)),
-    (GPU, "2", {"device": "cpu"}, WorkerPlan(2, 0, 16)),
+    (CPU, {}, {}, WorkerPlan(1, 0, 8)),
+    (CPU, {"workers": "2"}, {}, WorkerPlan(2, 0, 4)),
+    (CPU, {"workers": "3"}, {}, WorkerPlan(3, 0, 2)),  # equal shares: the same threads give the same numbers
+    (CPU, {"workers": "2"}, {"threads": 3}, WorkerPlan(2, 0, 3)),
+    (Cluster(gpus=0, cpus=32, node_cpus=8, node_gpus=0), {}, {}, WorkerPlan(1, 0, 8)),  # no actor spans two nodes
+    (GPU, {}, {}, WorkerPlan(4, 1, 1)),
+    (GPU, {"workers": "2"}, {}, WorkerPlan(2, 1, 1)),
+    (GPU, {"workers": "2"}, {"device": "cpu"}, WorkerPlan(2, 0, 16)),
+    # a model larger than one GPU: actors of several GPUs of one node
+    (GPU, {"gpus_per_worker": 2}, {}, WorkerPlan(2, 2, 1)),
+    (GPU, {"gpus_per_worker": 3}, {}, WorkerPlan(1, 3, 1)),  # the fourth GPU stays free
+    (GPU, {"gpus_per_worker": 4, "workers": "1"}, {"threads": 2}, WorkerPlan(1, 4, 2)),
+    (TWO_NODES, {"gpus_per_worker": 2}, {}, WorkerPlan(8, 2, 1)),  # 8 GPUs run 4 actors of 2, on each node
+    (TWO_NODES, {"gpus_per_worker": 8}, {"device": "balanced"}, WorkerPlan(2, 8, 1)),
 ])
 def test_worker_plans(cluster, workers, settings, plan):
-    assert plan_workers(requested_actors(workers), EvaluatorConfig(**settings), cluster) == plan
+    assert plan_workers(WorkerConfig(**workers), EvaluatorConfig(**settings).device,
+                        EvaluatorConfig(**settings).threads, cluster) == plan
+    assert plan.device == ("cpu" if not plan.gpus else "auto" if plan.gpus == 1 else "balanced")
 
 
-@pytest.mark.parametrize("cluster, settings, message", [
-    (GPU, {"device": "cuda:1"}, "names one GPU"),
-    (CPU, {"device": "cuda"}, "reports no GPU"),
+@pytest.mark.parametrize("cluster, workers, settings, message", [
+    (GPU, {}, {"device": "cuda:1"}, "names one GPU"),
+    (CPU, {}, {"device": "cuda"}, "--device cuda, but the Ray cluster reports no GPU"),
+    (CPU, {}, {"device": "balanced"}, "--device balanced, but the Ray cluster reports no GPU"),
+    (CPU, {"gpus_per_worker": 2}, {}, "--gpus-per-worker 2, but the actors run on CPUs"),
+    (GPU, {"gpus_per_worker": 2}, {"device": "cpu"}, "--gpus-per-worker 2, but the actors run on CPUs"),
+    (TWO_NODES, {"gpus_per_worker": 16}, {}, "largest node of the Ray cluster has 8 GPUs"),
+    (GPU, {"gpus_per_worker": 2, "workers": "3"}, {}, "asks for 6 GPUs but the Ray cluster has 4"),
 ])
-def test_device_settings_that_ray_cannot_honour_are_refused(cluster, settings, message):
+def test_device_settings_that_ray_cannot_honour_are_refused(cluster, workers, settings, message):
     with pytest.raises(ValueError, match=message):
-        plan_workers(None, EvaluatorConfig(**settings), cluster)
+        plan_workers(WorkerConfig(**workers), EvaluatorConfig(**settings).device, EvaluatorConfig(**settings).threads,
+                     cluster)

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from ga.checkpoint import RunFolder
+
 SETTINGS = ["--pop", "8", "--seq-len", "32", "--score-tokens", "1024", "--screen-tokens", "256", "--align-tokens", "64",
             "--repair-tokens", "256", "--batch-size", "8", "--workers", "local", "--no-progress"]
 LONG = ["--patience", "0"]  # runs that must still be going when a signal arrives
@@ -21,8 +23,7 @@ def command(llama_dir, text_file, out, *extra):
 
 
 def finished_state(folder):
-    checkpoint = json.loads((folder / "checkpoint.json").read_text())
-    state = checkpoint["state"]
+    state = RunFolder(folder).load_checkpoint()["state"]
     fitnesses = {key: (value["perplexity"], value["nll"]) for key, value in state["cache"].items()}
     return state["population"], state["hall_of_fame"], state["logbook"], fitnesses, state["evaluations"]
 
@@ -105,6 +106,11 @@ def test_resume_with_other_settings_or_into_a_finished_run_is_refused_and_loses_
     (["--patience", "-1"], "patience must not be negative"),
     (["--workers", "many"], "workers"),
     (["--workers", "auto", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
+    (["--gpus-per-worker", "0"], "gpus_per_worker must be a positive integer"),
+    (["--chunk-timeout", "-5"], "chunk_timeout must be a number of seconds"),
+    (["--align-method", "magic"], "align_method must be one of auto, hungarian, greedy"),
+    (["--merge-cache-gb", "0"], "merge_cache_gb must be a positive number"),
+    (["--align-tokens", "-1"], "align_tokens must not be negative"),
 ])
 def test_bad_options_fail_with_a_message_naming_the_problem(llama_dir, text_file, tmp_path, extra, message):
     result = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "1", "--name", "bad", *extra),
@@ -119,7 +125,9 @@ def test_help_documents_the_options():
     text = subprocess.run([sys.executable, "-m", "ga.run", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--model", "--data", "--seq-len", "--calib-steps", "--calib-batch", "--remove", "--ratio",
                    "--seed", "--workers", "--ray-address", "--out", "--resume", "--pop", "--offspring", "--gens", "--repair",
-                   "--repair-tokens", "--repair-inputs", "--repair-ridge", "--fitness", "--patience"):
+                   "--repair-tokens", "--repair-inputs", "--repair-ridge", "--fitness", "--patience",
+                   "--gpus-per-worker", "--chunk-timeout", "--start-timeout", "--align-method", "--align-cache",
+                   "--merge-cache-gb"):
         assert option in text, option
 
 
@@ -131,6 +139,10 @@ def test_a_run_stops_by_patience_and_summarizes_what_the_user_got(llama_dir, tex
     assert "python -m finetune.best --chromosome" in done.stdout and "--steps 0" in done.stdout
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["generations"] < 500 and summary["layers"]["compact"] == 4
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["evaluator"]["align_cache"] == str(tmp_path / "p" / "alignments")
+    merged = {key for key in RunFolder(tmp_path / "p").load_checkpoint()["state"]["cache"] if "2" in key}
+    assert merged and len(list((tmp_path / "p" / "alignments").glob("*.safetensors"))) >= 1  # kept for a resume
     assert summary["decoder_parameters"]["compact"] < summary["decoder_parameters"]["dense"]
     assert summary["fitness"]["dense"]["perplexity"] > 1 and "dense" in done.stdout  # a random tiny model may lose to its cut
     assert summary["fitness"]["best"]["perplexity"] <= summary["fitness"]["seed"]["perplexity"]
@@ -143,7 +155,7 @@ def test_kl_fitness_is_searched_and_recorded(llama_dir, text_file, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     best = json.loads((tmp_path / "kl" / "best.json").read_text())
-    checkpoint = json.loads((tmp_path / "kl" / "checkpoint.json").read_text())["state"]
+    checkpoint = RunFolder(tmp_path / "kl").load_checkpoint()["state"]
     assert best["fitness"]["objective"] == "kl" and 0 < best["fitness"]["kl"]
     budgeted = [entry["kl"] for key, entry in checkpoint["cache"].items() if len(key) - key.count("1") == 2]
     assert best["fitness"]["kl"] == min(budgeted)  # (the cache also holds the single-layer seeding scans)

@@ -1,0 +1,175 @@
+"""What aligning one pair of layers costs as MLPs grow: the way gaprune aligned before (raw
+activations of 2,048 tokens kept, correlations in fp64, Hungarian assignment) against streamed
+fp32 statistics with the Hungarian or the greedy assignment, at 1,536 (SmolLM2-135M), 4,096
+and 14,336 (Llama-3-8B) MLP units, on CPU.
+
+Activations are synthetic and planted: the other layer's units are the anchor's, shuffled, plus
+noise (correlation about 0.26, as between real SmolLM2 layers: 0.22 to 0.28), over shared low-rank structure, so that a method's quality is
+the share of planted pairs it recovers and its summed correlation against the optimum. The
+streamed methods read `auto_align_tokens(units)` tokens (as many as units, at least 2,048);
+before, every size read 2,048. Each measurement runs in its own process, whose peak resident
+memory above what it held before is reported.
+
+    python -m experiments.alignment_scale --units 1536,4096,14336 --threads 2
+
+With --smollm2, the two assignments are also compared on real layer pairs of SmolLM2-135M
+(1,536 units): summed correlation, and calibration perplexity of the merged model.
+Results: experiments/results/alignment_scale.{json,csv,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+import psutil
+import torch
+
+from evaluators.alignment import Moments, auto_align_tokens, greedy, hungarian
+from experiments.report import save_results
+
+METHODS = ("before: raw fp64, hungarian", "streamed fp32, hungarian", "streamed fp32, greedy")
+OLD_TOKENS = 2048
+BATCH = 4096  # tokens a streamed batch holds
+RANK = 64
+
+
+class Planted:
+    """Deterministic synthetic activations of two layers, batch by batch."""
+
+    def __init__(self, units: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.units = units
+        self.mixing = torch.randn(RANK, units, generator=generator) / RANK ** 0.5
+        self.planted = torch.randperm(units, generator=generator)  # other's unit u is the anchor's planted[u]
+        self.seed = seed
+
+    def batch(self, index: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index + 1)
+        anchor = torch.randn(tokens, RANK, generator=generator) @ self.mixing
+        anchor += 0.7 * torch.randn(tokens, self.units, generator=generator)
+        other = anchor[:, self.planted] + 4.5 * torch.randn(tokens, self.units, generator=generator)
+        return anchor, other
+
+    def batches(self, tokens: int):
+        for index, start in enumerate(range(0, tokens, BATCH)):
+            yield self.batch(index, min(BATCH, tokens - start))
+
+    def recovered(self, order: torch.Tensor) -> float:
+        return float((order == self.planted.argsort()).double().mean())
+
+
+def correlation_before(data: Planted) -> torch.Tensor:
+    """The earlier pipeline: every token's activations kept (fp32), standardized in fp64."""
+    anchor, other = map(torch.cat, zip(*data.batches(OLD_TOKENS)))
+
+    def standardize(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        x = x - x.mean(0)
+        return x / x.norm(dim=0).clamp_min(1e-12)
+    return standardize(anchor).T @ standardize(other)
+
+
+def correlation_streamed(data: Planted) -> tuple[torch.Tensor, int]:
+    moments = Moments()
+    tokens = auto_align_tokens(data.units, 1024)
+    for anchor, other in data.batches(tokens):
+        moments.add(anchor, other)
+    return moments.correlation(), tokens
+
+
+def measure_one(units: int, method: str) -> dict[str, Any]:
+    """One method at one size, in this process (a fresh one per measurement)."""
+    data = Planted(units)
+    before = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    if method == METHODS[0]:
+        similarity, tokens = correlation_before(data), OLD_TOKENS
+    else:
+        similarity, tokens = correlation_streamed(data)
+    statistics_s = time.perf_counter() - started
+    started = time.perf_counter()
+    order = greedy(similarity) if method.endswith("greedy") else hungarian(similarity)
+    assignment_s = time.perf_counter() - started
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, psutil.Process().memory_info().rss)
+    total = float(similarity[torch.arange(units), order].sum())
+    return {"units": units, "method": method, "tokens": tokens, "statistics s": statistics_s,
+            "assignment s": assignment_s, "seconds per pair": statistics_s + assignment_s,
+            "peak GiB": (peak - before) / 2**30, "recovered": data.recovered(order),
+            "mean correlation": total / units}
+
+
+def run_in_subprocess(units: int, method: str, threads: int) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "experiments.alignment_scale", "--one", f"{units}:{method}",
+                           "--threads", str(threads)], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def smollm2_pairs(args: argparse.Namespace, pairs: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Both assignments on real pairs of SmolLM2-135M: summed correlation and merged fitness."""
+    from chromosomes import Gene
+    from evaluators.alignment import pair_statistics
+    from evaluators.families import Geometry
+    from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+
+    rows = []
+    evaluators = {method: ModelEvaluator(EvaluatorConfig(data_dir=args.data_dir, align_method=method, repair="none",
+                                                         threads=args.threads))
+                  for method in ("hungarian", "greedy")}
+    reference = evaluators["hungarian"]
+    geometry = Geometry.of(reference.model.config)
+    blocks = reference.split.tune[: -(-reference.align_tokens // reference.config.seq_len)]
+    for anchor, other in pairs:
+        moments, _ = pair_statistics(reference.model, reference.dense_layers, reference.family, geometry, blocks,
+                                     reference.batch_size, anchor, other)
+        similarity = moments.correlation()
+        genes = [Gene.KEEP] * reference.num_layers
+        genes[other] = Gene.MERGE
+        row: dict[str, Any] = {"pair": f"{anchor}<-{other}"}
+        for method, evaluator in evaluators.items():
+            started = time.perf_counter()
+            order = hungarian(similarity) if method == "hungarian" else greedy(similarity)
+            row[f"{method} s"] = time.perf_counter() - started
+            row[f"{method} mean correlation"] = float(similarity[torch.arange(similarity.shape[0]), order].mean())
+            row[f"{method} merged ppl"] = evaluator.evaluate([genes])[0].perplexity
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.alignment_scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--units", default="1536,4096,14336", help="MLP widths, comma-separated")
+    parser.add_argument("--methods", default=",".join(METHODS), help="any of: " + "; ".join(METHODS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smollm2", action="store_true", help="also compare the assignments on SmolLM2-135M pairs")
+    parser.add_argument("--pairs", default="12:13,13:14,25:26,5:6,20:21", help="SmolLM2 pairs anchor:other")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # units:method, run in this process
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.one:
+        units, method = args.one.split(":", 1)
+        print(json.dumps(measure_one(int(units), method)))
+        return
+    rows = []
+    for units in (int(u) for u in args.units.split(",")):
+        for method in args.methods.split(","):
+            rows.append(run_in_subprocess(units, method, args.threads))
+            print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
+                  flush=True)
+    real = smollm2_pairs(args, [tuple(int(x) for x in p.split(":")) for p in args.pairs.split(",")]) \
+        if args.smollm2 else []
+    columns = ["units", "method", "tokens", "statistics s", "assignment s", "seconds per pair", "peak GiB",
+               "recovered", "mean correlation"]
+    save_results("alignment_scale", {"threads": args.threads, "batch_tokens": BATCH, "rows": rows,
+                                     "smollm2_pairs": real}, rows, columns)
+
+
+if __name__ == "__main__":
+    main()
