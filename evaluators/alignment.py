@@ -12,10 +12,12 @@ model's device, in fp32:
 Memory is units^2 floats (822 MB for Llama-3-8B's 14,336 units), whatever the token count.
 
 Units are then matched by an assignment that maximises their summed correlation: the Hungarian
-method (scipy's, exact; about n^2.1 in time) where it is cheap, a greedy matching refined by
-pairwise swaps on the device where it is not (`ASSIGNMENTS`; experiments/alignment_scale
-measured both). Finished alignments can be kept on disk (`AlignmentCache`), so that actors
-share them and a resumed run reuses them.
+method (scipy's, exact, on one CPU thread: 37 s at 14,336 units here), or a greedy matching
+refined by pairwise swaps, which keeps 97 to 99 % of the optimal total and is made of
+whole-matrix steps a GPU runs in parallel (on 2 CPU threads it took 61 s; `ASSIGNMENTS`,
+experiments/alignment_scale). `auto` takes the greedy matching on a GPU above HUNGARIAN_UNITS
+and the Hungarian method everywhere else. Finished alignments can be kept on disk
+(`AlignmentCache`), so that actors share them and a resumed run reuses them.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from torch import nn
 from evaluators.families import Geometry, LayerFamily
 
 ASSIGNMENTS = ("auto", "hungarian", "greedy")
-# Above this many units `auto` matches greedily: the Hungarian method's time grows as n^2.1 on
-# one CPU thread (experiments/results/alignment_scale.*).
+# Above this many units on a GPU `auto` matches greedily: the Hungarian method's time grows as
+# about n^2.5 on one CPU thread (0.12 s at 1,536 units, 1.6 s at 4,096, 37 s at 14,336:
+# experiments/results/alignment_scale.*), while the greedy steps run on the device.
 HUNGARIAN_UNITS = 4096
 SWAP_PASSES = 50  # at most this many rounds of pairwise swaps after the greedy matching
 GREEDY_ROUNDS = 64  # rounds of mutually best pairs; units still unmatched (ties: dead units) go in order
@@ -209,15 +212,18 @@ def improve_by_swaps(similarity: torch.Tensor, order: torch.Tensor, passes: int 
     return order
 
 
-def resolved_assignment(method: str, units: int) -> str:
-    """The assignment method used for `units` MLP units: `auto` is Hungarian up to HUNGARIAN_UNITS."""
+def resolved_assignment(method: str, units: int, device: torch.device) -> str:
+    """The assignment used for `units` MLP units whose statistics live on `device`: `auto` is
+    greedy on a GPU above HUNGARIAN_UNITS, Hungarian otherwise."""
     if method not in ASSIGNMENTS:
         raise ValueError(f"assignment must be one of {', '.join(ASSIGNMENTS)}, got {method!r}")
-    return method if method != "auto" else "hungarian" if units <= HUNGARIAN_UNITS else "greedy"
+    if method != "auto":
+        return method
+    return "greedy" if device.type == "cuda" and units > HUNGARIAN_UNITS else "hungarian"
 
 
 def assign(similarity: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    if resolved_assignment(method, similarity.shape[0]) == "hungarian":
+    if resolved_assignment(method, similarity.shape[0], similarity.device) == "hungarian":
         return hungarian(similarity)
     return greedy(similarity)
 

@@ -110,7 +110,7 @@ class EvaluatorConfig(Settings):
     merge_rule: str = field(default="mean", metadata={"help": "how aligned layers combine: mean or sum"})
     align: bool = field(default=True, metadata={"help": "align layers (permutations, rotations) before merging"})
     align_tokens: int = field(default=0, metadata={"help": "calibration tokens for the alignment statistics (0: as many as the MLP has units, at least 2,048, in whole windows; they are streamed, so tokens cost time, not memory)"})
-    align_method: str = field(default="auto", metadata={"help": "how MLP units are matched: hungarian (exact), greedy (mutually best pairs, then pairwise swaps, on the device) or auto (hungarian up to 4,096 units)"})
+    align_method: str = field(default="auto", metadata={"help": "how MLP units are matched: hungarian (exact), greedy (mutually best pairs, then pairwise swaps, on the device) or auto (greedy on a GPU above 4,096 units, else hungarian)"})
     align_cache: str | None = field(default=None, metadata={"help": "folder that keeps alignments for other actors and resumed runs (ga.run: the run folder's alignments/)"})
     merge_cache_gb: float = field(default=4.0, metadata={"help": "memory for fused merge blocks kept for reuse (GiB)"})
     repair: str = field(default="lsq", metadata={"help": "seam repair before scoring: lsq (least-squares map on the MLP output before each cut, folded into down_proj), lsq-attn (a map folded into o_proj first, then lsq), scale (LinearPatch-style channel scaling in a rotated basis) or none"})
@@ -181,7 +181,7 @@ class ModelEvaluator:
         self.num_layers = len(self.dense_layers)
         units = getattr(self.model.config, "intermediate_size", 0) or 0
         self.align_tokens = config.align_tokens or auto_align_tokens(units, config.seq_len)
-        self.align_method = resolved_assignment(config.align_method, units)
+        self.align_method = resolved_assignment(config.align_method, units, next(self.model.parameters()).device)
         text = text_blocks(config.data, self.tokenizer, config.seq_len, data_dir=config.data_dir)
         self.split = CalibrationSplit.cut(text, config.score_blocks, config.tune_blocks(self.align_tokens),
                                           name=config.data)

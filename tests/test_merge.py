@@ -8,7 +8,7 @@ import torch
 from chromosomes import Block
 from evaluators.alignment import (
     Alignment, AlignmentCache, Moments, auto_align_tokens, compute_alignment, greedy, group_cross, hungarian,
-    improve_by_swaps, pair_statistics,
+    improve_by_swaps, pair_statistics, resolved_assignment,
 )
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.families import FAMILIES as FAMILY_REGISTRY, Geometry, discover, family_of
@@ -128,6 +128,14 @@ def test_swaps_never_lower_the_total():
     total = lambda order: float(similarity[torch.arange(50), order].sum())  # noqa: E731
     improved = improve_by_swaps(similarity, start.clone())
     assert sorted(improved.tolist()) == list(range(50)) and total(improved) > total(start)
+
+
+@pytest.mark.parametrize("method, units, device, used", [
+    ("auto", 1536, "cpu", "hungarian"), ("auto", 14336, "cpu", "hungarian"), ("auto", 4096, "cuda", "hungarian"),
+    ("auto", 14336, "cuda", "greedy"), ("greedy", 64, "cpu", "greedy"), ("hungarian", 14336, "cuda", "hungarian"),
+])
+def test_auto_matches_greedily_only_on_a_gpu_above_4096_units(method, units, device, used):
+    assert resolved_assignment(method, units, torch.device(device)) == used
 
 
 @pytest.mark.parametrize("units, seq_len, tokens", [(64, 32, 2048), (1536, 1024, 2048), (14336, 1024, 14336),
