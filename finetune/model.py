@@ -77,13 +77,15 @@ def lora_targets(model: PreTrainedModel, config: HealConfig) -> tuple[str, ...]:
 
 def surgery_settings(record: ChromosomeRecord, spec: str, config: HealConfig) -> EvaluatorConfig:
     """The search's merge and repair settings (saved in best.json; defaults for a hand-written
-    file), on this machine's model, device and data, with --repair overriding the recorded one."""
+    file), on this machine's model, device and data, with --repair overriding the recorded one.
+    The search's alignments are read from its run folder while that folder is there."""
     saved = record.extra.get("evaluator")
     if saved is not None and not isinstance(saved, dict):
         raise ChromosomeError("the chromosome file's extra.evaluator must be an object of evaluator settings")
     searched = EvaluatorConfig.from_dict(saved) if saved else EvaluatorConfig(model=record.model)
+    store = searched.align_cache if searched.align_cache and Path(searched.align_cache).is_dir() else None
     return replace(searched, model=spec, dtype=config.dtype, device=config.device, threads=0,
-                   data_dir=config.data_dir, repair=config.repair or searched.repair)
+                   data_dir=config.data_dir, repair=config.repair or searched.repair, align_cache=store)
 
 
 def needs_calibration_text(record: ChromosomeRecord, settings: EvaluatorConfig) -> bool:

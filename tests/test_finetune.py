@@ -478,3 +478,16 @@ def test_a_lora_plan_a_family_cannot_take_is_refused_before_any_weights_load(pla
     assert failure.value.code == 2 and "Traceback" not in error
     assert "plan wide puts LoRA on q_proj, v_proj, o_proj, gate_proj, but MixtralForCausalLM has no gate_proj" in error
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_the_search_alignments_are_reused_while_its_run_folder_is_there(tmp_path):
+    from finetune.model import surgery_settings
+
+    store = tmp_path / "run" / "alignments"
+    record = lambda folder: ChromosomeRecord(  # noqa: E731
+        (1, 2, 1, 1, 0, 1), "tiny", 6, extra={"evaluator": EvaluatorConfig(model="tiny", align_cache=str(folder)).to_dict()})
+    store.mkdir(parents=True)
+    assert surgery_settings(record(store), "tiny", HealConfig()).align_cache == str(store)
+    gone = tmp_path / "moved" / "alignments"
+    assert surgery_settings(record(gone), "tiny", HealConfig()).align_cache is None
+    assert not gone.parent.exists()
