@@ -204,6 +204,11 @@ class ModelEvaluator:
             "total_parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
+    @property
+    def align_blocks(self) -> torch.Tensor:
+        """The calibration windows merge alignment reads (after the scoring ones)."""
+        return self.split.tune[: -(-self.align_tokens // self.config.seq_len)]
+
     def merge_settings(self) -> dict[str, Any]:
         c = self.config
         settings = {"rule": c.merge_rule, "align": c.align, "align_tokens": self.align_tokens}
@@ -231,13 +236,12 @@ class ModelEvaluator:
             c = self.config
             geometry, name = Geometry.of(self.model.config), type(self.model).__name__
             require_mergeable(self.dense_layers[0], name, self.family, geometry)
-            align_blocks = self.split.tune[: -(-self.align_tokens // c.seq_len)]
-            statistics = partial(pair_statistics, self.model, self.dense_layers, self.family, geometry, align_blocks,
-                                 self.batch_size) if c.align else None
+            statistics = partial(pair_statistics, self.model, self.dense_layers, self.family, geometry,
+                                 self.align_blocks, self.batch_size) if c.align else None
             description = self.describe()
             store = None if c.align_cache is None or not c.align else AlignmentCache(
                 c.align_cache, {key: description[key] for key in ("model", "data", "seq_len", "tokens", "dtype", "merge")})
-            probes = record_layer_inputs(self.model, self.dense_layers, align_blocks[:1, :PROBE_TOKENS])
+            probes = record_layer_inputs(self.model, self.dense_layers, self.align_blocks[:1, :PROBE_TOKENS])
             self._merger = LayerMerger(self.dense_layers, statistics, geometry, self.family, c.merge_rule,
                                        cache_bytes=int(c.merge_cache_gb * 1024**3), probes=probes, model_name=name,
                                        assignment=self.align_method, store=store)

@@ -144,7 +144,7 @@ def smollm2_pairs(args: argparse.Namespace, pairs: Sequence[tuple[int, int]]) ->
                   for method in ("hungarian", "greedy")}
     reference = evaluators["hungarian"]
     geometry = Geometry.of(reference.model.config)
-    blocks = reference.split.tune[: -(-reference.align_tokens // reference.config.seq_len)]
+    blocks = reference.align_blocks
     for anchor, other in pairs:
         moments, _ = pair_statistics(reference.model, reference.dense_layers, reference.family, geometry, blocks,
                                      reference.batch_size, anchor, other)

@@ -155,7 +155,7 @@ def alignment_rows(evaluator: ModelEvaluator, anchor: int, other: int) -> list[d
     """One merge alignment at the model's MLP width: streamed statistics, then each assignment."""
     device = evaluator.model.device
     geometry = Geometry.of(evaluator.model.config)
-    blocks = evaluator.split.tune[: -(-evaluator.align_tokens // evaluator.config.seq_len)]
+    blocks = evaluator.align_blocks
     reset_peak(device)
     seconds, (moments, _) = timed(device, lambda: pair_statistics(
         evaluator.model, evaluator.dense_layers, evaluator.family, geometry, blocks, evaluator.batch_size, anchor, other))
