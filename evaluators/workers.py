@@ -38,7 +38,7 @@ class WorkerConfig(Settings):
                                                                     "instead of starting one"})
     gpus_per_worker: int = field(default=1, metadata={"help": "GPUs of one node that each actor spreads its model "
                                                               "over (whole decoder layers per GPU), for a model larger "
-                                                              "than one GPU: 8 GPUs run 4 actors of a 70B model with 2"})
+                                                              "than one GPU: 8 H200s run 4 actors of a 70B model with 2"})
     chunk_timeout: float = field(default=3600.0, metadata={"help": "seconds an actor may spend on one chunk of "
                                                                    "chromosomes before it is killed, restarted and the "
                                                                    "chunk scored again (a hung GPU); 0: no limit"})

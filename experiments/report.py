@@ -23,7 +23,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(value: Any) -> str:
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
+        return f"{value:.2f}" if isinstance(value, float) else "" if value is None else str(value)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
