@@ -50,12 +50,13 @@ def naive_perplexity(evaluator: ModelEvaluator, genes: Sequence[int], windows: i
     return math.exp(total / (blocks.shape[0] * (blocks.shape[1] - 1)))
 
 
-def run_requests(checkpoint: dict[str, Any], screen_tokens: int) -> Requests:
+def run_requests(checkpoint: dict[str, Any], screen_tokens: int, generations: int | None = None) -> Requests:
     """The run's scoring calls in order: the seeding scans, then per generation its screenings
-    and its full evaluations (the caches keep insertion order; the logbook gives the counts)."""
+    and its full evaluations (the caches keep insertion order; the logbook gives the counts),
+    up to generation `generations` (all when None), so that a long run can be replayed in part."""
     state = checkpoint["state"]
     full, screened = list(state["cache"]), list(state["screen_cache"])
-    logbook = state["logbook"]
+    logbook = state["logbook"][:None if generations is None else generations + 1]
     seeding = logbook[0]["total_evals"] - logbook[0]["evals"]
     batches: Requests = [(None, full[:seeding])] if seeding else []
     done_full, done_screened = seeding, 0
@@ -87,13 +88,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a GA run folder whose requests are replayed")
     parser.add_argument("--rounds", type=int, default=3, help="replays per evaluator, alternating which goes first")
+    parser.add_argument("--generations", type=int, default=None,
+                        help="replay the seeding and generations 0..N only (default: the whole run)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     run = RunFolder(Path(args.run))
     saved = run.read_config()
     checkpoint = run.load_checkpoint()
-    requests = run_requests(checkpoint, saved["search"]["screen_tokens"])
+    requests = run_requests(checkpoint, saved["search"]["screen_tokens"], args.generations)
     config = EvaluatorConfig.from_dict({**saved["evaluator"], "data_dir": args.data_dir or saved["evaluator"].get("data_dir"),
                                         "threads": args.threads, "align_cache": None})
     evaluator = ModelEvaluator(config)
@@ -117,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, times in seconds.items()]
     columns = ["evaluator", "requests", "median seconds", "requests_per_s", "speedup", "seconds per round"]
     save_results("throughput", {"run": str(run.path), "requests": count, "screenings": screenings,
-                                "batches": len(requests), "rounds": args.rounds, "evaluator": config.to_dict(),
+                                "batches": len(requests), "generations": args.generations, "rounds": args.rounds, "evaluator": config.to_dict(),
                                 "device": str(evaluator.model.device), "threads": torch.get_num_threads(),
                                 "max_relative_difference_vs_naive": agreement, "rows": rows}, rows, columns)
     for row in rows:

@@ -366,3 +366,6 @@ def test_a_runs_requests_are_read_back_in_the_order_it_made_them(tmp_path):
     screened = [key for tokens, keys in requests if tokens == 1024 for key in keys]
     assert full == list(state.cache) and screened == list(state.screen_cache)
     assert full == list(evaluator.calls) and screened == list(evaluator.screened)  # the run's own order
+    first = run_requests(RunFolder(tmp_path / "replayed").load_checkpoint(), 1024, generations=1)
+    assert requests[:len(first)] == first and len(first) < len(requests)  # a prefix, generation by generation
+    assert sum(len(keys) for tokens, keys in first if tokens is None) == state.logbook[1]["total_evals"]
