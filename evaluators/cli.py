@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 from contextlib import contextmanager
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -84,16 +84,27 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def terminate_like_interrupt() -> Iterator[None]:
+def terminate_like_interrupt() -> Iterator[Callable[[], None]]:
     """Within the block, SIGTERM stops the program the way Ctrl-C does, so that the same
-    handlers save the checkpoint and print the resume hint."""
-    def raise_terminated(_signum: int, _frame: Any) -> None:
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    handlers save the checkpoint and print the resume hint. Python drops an exception raised
+    while it runs a __del__ method or a weakref callback, so a signal can land where its
+    exception is lost; the block gets a check that raises it again, for loops to call between
+    steps."""
+    received: list[int] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        check()
+
+    def check() -> None:
+        if received:
+            raise Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt()
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield check
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def interrupt_status(error: KeyboardInterrupt) -> int:

@@ -14,7 +14,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from deap import algorithms, base, tools
@@ -382,8 +382,10 @@ def _budget_left(state: SearchState, search: SearchConfig, definition: dict[str,
 
 
 def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
-           provenance: dict[str, Any] | None = None, progress: bool = True) -> SearchState:
-    """Run (or continue) the search in `folder` up to `search.gens` generations."""
+           provenance: dict[str, Any] | None = None, progress: bool = True,
+           between_generations: Callable[[], None] = lambda: None) -> SearchState:
+    """Run (or continue) the search in `folder` up to `search.gens` generations, calling
+    `between_generations` after each checkpoint (an interrupt that was lost is raised there)."""
     provenance = provenance or {}
     removed = search.removed(evaluator.num_layers)
     definition = evaluator.describe()
@@ -406,6 +408,7 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
         best_record(state, definition, provenance).save(folder.best_path)
         bar.set_postfix(best=f"{record['best']:.3f}", mean=f"{record['mean']:.3f}", evals=state.evaluations)
         bar.update(1)
+        between_generations()
 
     from tqdm.auto import tqdm
     started = time.perf_counter()

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     provenance = {"run": folder.path.name, "search": search.to_dict(), "evaluator": evaluator_config.to_dict()}
     started = time.perf_counter()
     try:
-        with terminate_like_interrupt():
+        with terminate_like_interrupt() as stop_if_interrupted:
             say(f"loading {evaluator_config.model} ({workers.workers} workers)", args.progress)
             with open_evaluator(evaluator_config, workers) as evaluator:
                 search.removed(evaluator.num_layers)  # an impossible budget fails before the folder exists
@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     folder.write_config(config)
                 else:
                     folder.create(config)
-                state = evolve(evaluator, search, folder, provenance, progress=args.progress)
+                state = evolve(evaluator, search, folder, provenance, progress=args.progress,
+                               between_generations=stop_if_interrupted)
                 definition = evaluator.describe()
                 say("scoring the dense model for the summary", args.progress)
                 dense = evaluator.evaluate([[1] * evaluator.num_layers])[0]

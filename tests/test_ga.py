@@ -369,3 +369,33 @@ def test_a_runs_requests_are_read_back_in_the_order_it_made_them(tmp_path):
     first = run_requests(RunFolder(tmp_path / "replayed").load_checkpoint(), 1024, generations=1)
     assert requests[:len(first)] == first and len(first) < len(requests)  # a prefix, generation by generation
     assert sum(len(keys) for tokens, keys in first if tokens is None) == state.logbook[1]["total_evals"]
+
+
+def test_an_interrupt_whose_exception_was_lost_stops_the_run_after_the_next_checkpoint(tmp_path):
+    """Python drops exceptions raised inside __del__ methods and weakref callbacks, so Ctrl-C can
+    land where its KeyboardInterrupt is lost; the run must still stop, at a generation boundary."""
+    import os
+    import signal
+
+    from evaluators.cli import terminate_like_interrupt
+
+    class LosesTheInterrupt(PlantedEvaluator):
+        def evaluate(self, population, tokens=None):
+            if len(self.calls) > 40 and self.interrupted is None:
+                self.interrupted = json.loads((tmp_path / "lost" / "checkpoint.json").read_text())["state"]["generation"]
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)  # handled here, as if inside a __del__
+                except KeyboardInterrupt:
+                    pass
+            return super().evaluate(population, tokens)
+
+    evaluator = LosesTheInterrupt(TARGET)
+    evaluator.interrupted = None  # the generation last checkpointed when the signal came
+    search = SearchConfig(pop=20, gens=1000, remove=8, seed=0, init="random", patience=0)
+    with pytest.raises(KeyboardInterrupt):
+        with terminate_like_interrupt() as stop_if_interrupted:
+            evolve(evaluator, search, RunFolder(tmp_path / "lost"), progress=False,
+                   between_generations=stop_if_interrupted)
+    stopped = json.loads((tmp_path / "lost" / "checkpoint.json").read_text())["state"]["generation"]
+    assert stopped == evaluator.interrupted + 1  # the generation under way finished, then it stopped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
