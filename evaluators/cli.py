@@ -99,7 +99,9 @@ def terminate_like_interrupt() -> Iterator[Callable[[], None]]:
     def check() -> None:
         if received:
             raise Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt()
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    # A SIGINT already ignored (a job started in the background) stays ignored, as Python leaves it.
+    handled = [signal.SIGTERM] + ([] if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else [signal.SIGINT])
+    previous = {number: signal.signal(number, stop) for number in handled}
     try:
         yield check
     finally:

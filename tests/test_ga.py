@@ -392,10 +392,14 @@ def test_an_interrupt_whose_exception_was_lost_stops_the_run_after_the_next_chec
     evaluator = LosesTheInterrupt(TARGET)
     evaluator.interrupted = None  # the generation last checkpointed when the signal came
     search = SearchConfig(pop=20, gens=1000, remove=8, seed=0, init="random", patience=0)
-    with pytest.raises(KeyboardInterrupt):
-        with terminate_like_interrupt() as stop_if_interrupted:
-            evolve(evaluator, search, RunFolder(tmp_path / "lost"), progress=False,
-                   between_generations=stop_if_interrupted)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with terminate_like_interrupt() as stop_if_interrupted:
+                evolve(evaluator, search, RunFolder(tmp_path / "lost"), progress=False,
+                       between_generations=stop_if_interrupted)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    finally:
+        signal.signal(signal.SIGINT, outside)
     stopped = json.loads((tmp_path / "lost" / "checkpoint.json").read_text())["state"]["generation"]
     assert stopped == evaluator.interrupted + 1  # the generation under way finished, then it stopped
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored

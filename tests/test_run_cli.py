@@ -61,8 +61,11 @@ def test_ctrl_c_or_sigterm_exits_cleanly_with_a_checkpoint_and_the_run_continues
                                                                                  signal_number, status):
     # Once the cache answers most chromosomes a generation takes milliseconds: the run is made
     # far longer than the signal can take to arrive, or it may finish first on a busy machine.
+    # Ctrl-C as a terminal sends it to a foreground job: a job started in the background (as under
+    # nohup or `cmd &`) inherits SIGINT ignored, and so would the run.
     run = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "100000", "--name", "int", *LONG),
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while generation_of(tmp_path / "int") < 1:
         time.sleep(0.01)
     run.send_signal(signal_number)
