@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, times in seconds.items()]
     columns = ["evaluator", "requests", "median seconds", "requests_per_s", "speedup", "seconds per round"]
     save_results("throughput", {"run": str(run.path), "requests": count, "screenings": screenings,
-                                "batches": len(requests), "generations": args.generations, "rounds": args.rounds, "evaluator": config.to_dict(),
+                                "batches": len(requests), "generations": args.generations, "rounds": args.rounds,
+                                "evaluator": config.to_dict(),
                                 "device": str(evaluator.model.device), "threads": torch.get_num_threads(),
                                 "max_relative_difference_vs_naive": agreement, "rows": rows}, rows, columns)
     for row in rows:

@@ -2,12 +2,15 @@
 and its checkpoint holds everything."""
 import json
 import math
+import os
 import random
+import signal
 from collections import Counter
 
 import pytest
 
 from chromosomes import from_string, layers_removed, to_string, validate
+from evaluators.cli import terminate_like_interrupt
 from ga.baselines import random_search
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
@@ -374,11 +377,6 @@ def test_a_runs_requests_are_read_back_in_the_order_it_made_them(tmp_path):
 def test_an_interrupt_whose_exception_was_lost_stops_the_run_after_the_next_checkpoint(tmp_path):
     """Python drops exceptions raised inside __del__ methods and weakref callbacks, so Ctrl-C can
     land where its KeyboardInterrupt is lost; the run must still stop, at a generation boundary."""
-    import os
-    import signal
-
-    from evaluators.cli import terminate_like_interrupt
-
     class LosesTheInterrupt(PlantedEvaluator):
         def evaluate(self, population, tokens=None):
             if len(self.calls) > 40 and self.interrupted is None:
