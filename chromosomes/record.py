@@ -2,8 +2,8 @@
 
 The file is what the GA hands to the finetuner, so loading it checks everything the
 finetuner would otherwise trip over later: format, version, genes, and the model's depth.
-A width plan (`python -m ga.width`) is the same record with `units`: per kept layer, the
-attention and MLP units it keeps.
+A genome with widths carries `units`: per kept layer, the key-value heads and MLP channels it
+keeps, resolved from the search's ranking, so that the file alone rebuilds the model.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chromosomes.genome import ChromosomeError, blocks, layers_removed, validate
+from chromosomes.genome import ChromosomeError, LayerGene, blocks, layers_removed, to_json, validate
 from chromosomes.width import LayerUnits, check_units
 
 FORMAT = "gaprune.chromosome"
@@ -25,7 +25,7 @@ MEASUREMENT_KEYS = {"perplexity": float, "nll": float, "tokens": int, "seq_len":
 
 @dataclass(frozen=True)
 class ChromosomeRecord:
-    genes: tuple[int, ...]
+    genes: tuple[LayerGene, ...]
     model: str  # the model spec it was searched on: a default id, a folder or a GGUF file
     num_layers: int
     fitness: dict[str, Any] | None = None  # perplexity, nll, tokens, seq_len, data, calibration
@@ -35,7 +35,7 @@ class ChromosomeRecord:
     def __post_init__(self) -> None:
         object.__setattr__(self, "genes", validate(self.genes, self.num_layers))
         if self.units is not None:
-            check_units(self.units, len(blocks(self.genes)))
+            check_units(self.units, blocks(self.genes))
         if self.fitness is not None:
             _check_measurement(self.fitness)
 
@@ -45,7 +45,7 @@ class ChromosomeRecord:
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
-        body["genes"] = list(self.genes)
+        body["genes"] = to_json(self.genes)
         if self.units is None:
             del body["units"]  # a depth-only chromosome reads as it always did
         else:
@@ -67,7 +67,7 @@ class ChromosomeRecord:
         if missing:
             raise ChromosomeError(f"{source}: missing field(s) {', '.join(missing)}")
         if not isinstance(data["genes"], list):
-            raise ChromosomeError(f"{source}: 'genes' must be a list of 0, 1 and 2")
+            raise ChromosomeError(f"{source}: 'genes' must be a list of 0, 1, 2 and [heads, channels]")
         if not isinstance(data["num_layers"], int) or isinstance(data["num_layers"], bool):
             raise ChromosomeError(f"{source}: 'num_layers' must be an integer")
         if not isinstance(data["model"], str) or not data["model"]:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from chromosomes.genome import ChromosomeError, Gene, blocks
+from chromosomes.genome import Block, ChromosomeError
 
 KINDS = ("attention", "mlp")
 
@@ -55,13 +55,19 @@ class LayerUnits:
         return cls(*lists)
 
 
-def check_units(units: Sequence[LayerUnits], kept_layers: int) -> None:
-    """One entry per kept layer, none of them empty (an emptied layer is removed from the genes)."""
-    if len(units) != kept_layers:
-        raise ChromosomeError(f"units lists {len(units)} layers but the genes keep {kept_layers}")
-    for position, entry in enumerate(units):
+def check_units(units: Sequence[LayerUnits], plan: Sequence[Block]) -> None:
+    """One entry per kept layer, none of them empty (an emptied layer is removed from the genes),
+    and as many units as a narrowed layer's gene counts."""
+    if len(units) != len(plan):
+        raise ChromosomeError(f"units lists {len(units)} layers but the genes keep {len(plan)}")
+    for position, (entry, block) in enumerate(zip(units, plan)):
         if entry.empty:
             raise ChromosomeError(f"units[{position}] keeps nothing: remove that layer in the genes instead")
+        if block.kv_heads is not None and len(entry.kv_heads) != block.kv_heads or \
+                block.channels is not None and len(entry.channels) != block.channels:
+            raise ChromosomeError(f"units[{position}] keeps {len(entry.kv_heads)} key-value heads and "
+                                  f"{len(entry.channels)} channels, but the gene of layer {block.anchor} says "
+                                  f"{block.kv_heads} and {block.channels}")
 
 
 def select_global(units: Sequence[Unit], budget: int, floors: dict[tuple[int, str], int] | None = None) -> set[Unit]:
@@ -133,26 +139,42 @@ def select_uniform(units: Sequence[Unit], budget: int) -> set[Unit]:
     return removed
 
 
-def kept_units(units: Sequence[Unit], removed: set[Unit], layers: int) -> list[LayerUnits]:
-    """Per kept layer, the units left after removing `removed`."""
-    left: list[dict[str, list[int]]] = [{kind: [] for kind in KINDS} for _ in range(layers)]
+def counts_left(units: Sequence[Unit], removed: set[Unit], layers: int) -> list[tuple[int, int]]:
+    """Per layer, the (key-value groups, MLP channels) left after removing `removed`."""
+    left = [[0, 0] for _ in range(layers)]
     for unit in units:
         if unit not in removed:
-            left[unit.layer][unit.kind].append(unit.index)
-    return [LayerUnits(tuple(sorted(entry["attention"])), tuple(sorted(entry["mlp"]))) for entry in left]
+            left[unit.layer][KINDS.index(unit.kind)] += 1
+    return [(heads, channels) for heads, channels in left]
 
 
-def without_empty_layers(genes: Sequence[int], units: Sequence[LayerUnits]) -> tuple[tuple[int, ...], tuple[LayerUnits, ...]]:
-    """Genes and units with every kept layer that keeps no unit removed (its genes, merged ones too, set to skip)."""
-    plan = blocks(genes)
-    if len(units) != len(plan):
-        raise ChromosomeError(f"units lists {len(units)} layers but the genes keep {len(plan)}")
-    out = list(genes)
-    for block, entry in zip(plan, units):
-        if entry.empty:
-            for layer in (block.anchor, *block.merged):
-                out[layer] = Gene.SKIP
-    return tuple(out), tuple(entry for entry in units if not entry.empty)
+@dataclass(frozen=True)
+class Ranking:
+    """Per layer, its key-value groups and MLP channels from the most important down: a sub-layer
+    that keeps k units keeps the first k, so every width is a prefix of one ranking.
+
+    Ties go the way `select_global` removes them (lower importance, then lower index, first), so
+    the units a global selection leaves in a layer are exactly the prefix of that size.
+    """
+
+    kv_heads: tuple[tuple[int, ...], ...]
+    channels: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, units: Sequence[Unit], layers: int) -> "Ranking":
+        order: dict[tuple[int, str], list[Unit]] = {(layer, kind): [] for layer in range(layers) for kind in KINDS}
+        for unit in units:
+            order[(unit.layer, unit.kind)].append(unit)
+        ranked = {key: tuple(u.index for u in sorted(group, key=lambda u: (u.importance, u.index), reverse=True))
+                  for key, group in order.items()}
+        return cls(tuple(ranked[(layer, "attention")] for layer in range(layers)),
+                   tuple(ranked[(layer, "mlp")] for layer in range(layers)))
+
+    def kept(self, layer: int, kv_heads: int | None, channels: int | None) -> LayerUnits:
+        """The units a layer keeping these counts keeps (None: all), ascending."""
+        heads = self.kv_heads[layer] if kv_heads is None else self.kv_heads[layer][:kv_heads]
+        chans = self.channels[layer] if channels is None else self.channels[layer][:channels]
+        return LayerUnits(tuple(sorted(heads)), tuple(sorted(chans)))
 
 
 def _counts(units: Sequence[Unit]) -> dict[tuple[int, str], int]:

@@ -20,8 +20,10 @@ from evaluators.perplexity import nll_of_hidden
 
 def norm_parameters(model: PreTrainedModel, layers: Sequence[nn.Module], family: LayerFamily) -> list[nn.Parameter]:
     """The norm weights the calibration may change: each layer's own norms (as its family names
-    them) and the final norm. Norms of q and k inside the attention stay fixed."""
-    params = [family.module(layer, name).weight for layer in layers for name in family.layer_norms]
+    them; a removed sub-layer's are gone) and the final norm. Norms of q and k inside the
+    attention stay fixed."""
+    norms = [family.module(layer, name) for layer in layers for name in family.layer_norms]
+    params = [norm.weight for norm in norms if getattr(norm, "weight", None) is not None]
     params.append(model.model.norm.weight)
     return params
 

@@ -9,29 +9,39 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from typing import Any, Protocol, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from chromosomes import ChromosomeError, blocks, validate
-from evaluators.alignment import ASSIGNMENTS, AlignmentCache, auto_align_tokens, pair_statistics, resolved_assignment
+from chromosomes import Block, ChromosomeError, blocks, validate
+from chromosomes.width import Unit
+from evaluators.alignment import ASSIGNMENTS
+from evaluators.build import Builder, calibration_split
 from evaluators.calibration import calibrated_norms
 from evaluators.cli import Settings
-from evaluators.families import Geometry, family_of
+from evaluators.families import family_of
 from evaluators.importance import block_influence
-from evaluators.merge import MERGE_RULES, PROBE_TOKENS, LayerMerger, record_layer_inputs, require_mergeable
+from evaluators.merge import MERGE_RULES
 from evaluators.models import DEFAULT_MODEL, DEVICES_HELP, decoder_layers, load_model
-from evaluators.perplexity import PrefixScorer, perplexity
-from evaluators.repair import REPAIR_INPUTS, REPAIRS, SeamRepairer
-from evaluators.surgery import LayerStack, dense_layer_types, install_stack, layer_stack, layer_view
-from evaluators.text import CALIBRATION_TEXT, CalibrationSplit, text_blocks
+from evaluators.perplexity import PrefixScorer, fidelity, final_hidden, perplexity
+from evaluators.repair import REPAIR_INPUTS, REPAIRS
+from evaluators.surgery import LayerStack, layer_view
+from evaluators.text import CALIBRATION_TEXT
+from evaluators.units import IMPORTANCE
 
 
 logger = logging.getLogger(__name__)
 
 FITNESS_KINDS = ("ppl", "kl")
+# Evaluator settings added after runs and chromosome files were saved without them, with the
+# value that reproduces what those did: widths cut before refits existed were not refitted.
+ADDED_SINCE: dict[str, object] = {"refit": False}
+
+
+def saved_evaluator(settings: dict) -> dict:
+    """Saved evaluator settings, completed with the values they ran with for settings added since."""
+    return {**settings, **{name: value for name, value in ADDED_SINCE.items() if name not in settings}}
 # A loss that is not a finite number (a broken forward pass, an overflow) is recorded as this
 # mean per-token value: finite, so that it can be checkpointed, and worse than any real model
 # (exp(700) ~ 1e304 is still a float).
@@ -89,6 +99,11 @@ class Evaluator(Protocol):
         search at the cost of one dense forward over the scoring text."""
         ...
 
+    def units(self) -> list[Unit]:
+        """Every attention and MLP unit of the dense model with its importance and parameter cost:
+        the ranking a narrowed layer keeps a prefix of, and what a one-shot width plan selects from."""
+        ...
+
 
 @dataclass
 class EvaluatorConfig(Settings):
@@ -118,12 +133,16 @@ class EvaluatorConfig(Settings):
     repair_tokens: int = field(default=32768, metadata={"help": "calibration tokens (disjoint from the scoring ones) for the seam repair statistics"})
     repair_inputs: str = field(default="dense", metadata={"help": "what each seam's map is fitted on: dense (the dense model's activations, so a fit is shared by every chromosome with that seam: about 1.5x an unrepaired evaluation) or pruned (the cut model's own, earlier seams repaired: better on deep cuts, one forward over the repair tokens per new chromosome)"})
     repair_ridge: float = field(default=1e-3, metadata={"help": "seam repair ridge, relative to the mean diagonal of X^T X (shrinks the map towards the identity)"})
+    ranking: str = field(default="taylor2", metadata={"help": "how a narrowed layer chooses the units it keeps: taylor (|w * grad|), taylor2 (diagonal Fisher, w^2 * grad^2 / 2) or wanda (|w| * input norm), each summed over a unit's weights on calibration text; every width keeps a prefix of one ranking per layer"})
+    ranking_tokens: int = field(default=8192, metadata={"help": "calibration tokens the ranking's importance is measured on (once per run, kept in the run folder)"})
+    refit: bool = field(default=True, metadata={"help": "with a repair: refit a narrowed sub-layer's output projection (o_proj, down_proj) to the dense one's output by least squares"})
     fitness: str = field(default="ppl", metadata={"help": "what the search minimises: ppl (perplexity) or kl (KL divergence from the dense model's next-token distribution)"})
     share_prefix: bool = field(default=True, metadata={"help": "reuse hidden states of shared leading layers"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: leave torch's default)"})
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "repair_tokens", "repair_min_run")
+        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "repair_tokens", "repair_min_run",
+                    "ranking_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -150,6 +169,8 @@ class EvaluatorConfig(Settings):
             raise ValueError(f"fitness must be one of {', '.join(FITNESS_KINDS)}, got {self.fitness!r}")
         if self.merge_rule not in MERGE_RULES:
             raise ValueError(f"merge_rule must be one of {', '.join(MERGE_RULES)}, got {self.merge_rule!r}")
+        if self.ranking not in IMPORTANCE:
+            raise ValueError(f"ranking must be one of {', '.join(IMPORTANCE)}, got {self.ranking!r}")
 
     @property
     def score_blocks(self) -> int:
@@ -161,12 +182,23 @@ class EvaluatorConfig(Settings):
 
     def tune_blocks(self, align_tokens: int) -> int:
         """Blocks after the scoring ones, for norm calibration, alignment (on `align_tokens`, the
-        resolved count) and repair statistics."""
-        return max(-(-align_tokens // self.seq_len), self.calib_steps * self.calib_batch, self.repair_blocks)
+        resolved count), repair statistics and the units' ranking."""
+        return max(-(-align_tokens // self.seq_len), self.calib_steps * self.calib_batch, self.repair_blocks,
+                   -(-self.ranking_tokens // self.seq_len))
+
+
+def _sort_key(block: Block) -> tuple:
+    return block.anchor, block.merged, -1 if block.kv_heads is None else block.kv_heads, \
+        -1 if block.channels is None else block.channels
 
 
 class ModelEvaluator:
-    """Holds one model in memory and scores chromosomes on it by switching layers in place."""
+    """Holds one model in memory and scores genomes on it by switching layers in place.
+
+    Loading is `load_model`, the text split `CalibrationSplit`, turning a genome into layers the
+    `Builder`, scoring the `PrefixScorer`; this class ties them together and scores again with
+    fewer windows per forward when the device runs out of memory.
+    """
 
     def __init__(self, config: EvaluatorConfig, loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None):
         """`loaded`: a model and its tokenizer already in memory, in place of loading `config.model`
@@ -175,46 +207,31 @@ class ModelEvaluator:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.model, self.tokenizer = loaded or load_model(config.model, config.dtype, config.device)
-        self.dense_layers = list(decoder_layers(self.model))
         self.family = family_of(self.model)
-        self.dense_types = dense_layer_types(self.model)
-        self.num_layers = len(self.dense_layers)
-        units = getattr(self.model.config, "intermediate_size", 0) or 0
-        self.align_tokens = config.align_tokens or auto_align_tokens(units, config.seq_len)
-        self.align_method = resolved_assignment(config.align_method, units, next(self.model.parameters()).device)
-        text = text_blocks(config.data, self.tokenizer, config.seq_len, data_dir=config.data_dir)
-        self.split = CalibrationSplit.cut(text, config.score_blocks, config.tune_blocks(self.align_tokens),
-                                          name=config.data)
+        self.num_layers = len(decoder_layers(self.model))
+        self.split = calibration_split(config, self.tokenizer, self.model)
         self.batch_size = config.batch_size  # windows per scoring forward; halved when the device runs out of memory
-        self._merger: LayerMerger | None = None
-        self._repairer: SeamRepairer | None = None
+        self.builder = Builder(self.model, self.split.tune, config, self.batch_size)
         self._reference: torch.Tensor | None = None
         self._scorers: dict[int, PrefixScorer] = {}
 
     def describe(self) -> dict[str, Any]:
         c = self.config
-        return {
+        layers = self.builder.dense_layers
+        description = {
             "model": c.model, "num_layers": self.num_layers, "data": c.data, "seq_len": c.seq_len,
             "tokens": c.score_blocks * (c.seq_len - 1), "dtype": str(self.model.dtype).removeprefix("torch."),
             "calibration": {"steps": c.calib_steps, "batch": c.calib_batch, "lr": c.calib_lr},
-            "merge": self.merge_settings(),
+            "merge": self.builder.merge_settings(),
             "repair": self.repair_settings(),
             "fitness": c.fitness,
-            "layer_parameters": [sum(p.numel() for p in layer.parameters()) for layer in self.dense_layers],
+            "layer_parameters": [sum(p.numel() for p in layer.parameters()) for layer in layers],
             "total_parameters": sum(p.numel() for p in self.model.parameters()),
         }
-
-    @property
-    def align_blocks(self) -> torch.Tensor:
-        """The calibration windows merge alignment reads (after the scoring ones)."""
-        return self.split.tune[: -(-self.align_tokens // self.config.seq_len)]
-
-    def merge_settings(self) -> dict[str, Any]:
-        c = self.config
-        settings = {"rule": c.merge_rule, "align": c.align, "align_tokens": self.align_tokens}
-        # the assignment only where it is not the Hungarian method (all runs saved before the
-        # option existed used it), so that those runs keep the record they resume against
-        return settings | ({"assignment": self.align_method} if self.align_method != "hungarian" else {})
+        if not self.family.experts:  # what a width genome means and costs (added since: see WIDTH_KEYS)
+            description["widths"] = {"ranking": c.ranking, "ranking_tokens": c.ranking_tokens, "refit": c.refit,
+                                     "shape": self.builder.shape().to_dict()}
+        return description
 
     def repair_settings(self) -> dict[str, Any]:
         c = self.config
@@ -227,61 +244,29 @@ class ModelEvaluator:
         return settings | ({"min_run": c.repair_min_run} if c.repair_min_run > 1 else {})
 
     def block_influence(self) -> list[float]:
-        return block_influence(self.model, self.dense_layers, self.split.score, self.batch_size)
+        return block_influence(self.model, self.builder.dense_layers, self.split.score, self.batch_size)
 
-    @property
-    def merger(self) -> LayerMerger:
-        """Built on first use: alignment needs one dense forward pass that skip-only runs never pay."""
-        if self._merger is None:
-            c = self.config
-            geometry, name = Geometry.of(self.model.config), type(self.model).__name__
-            require_mergeable(self.dense_layers[0], name, self.family, geometry)
-            statistics = partial(pair_statistics, self.model, self.dense_layers, self.family, geometry,
-                                 self.align_blocks, self.batch_size) if c.align else None
-            description = self.describe()
-            store = None if c.align_cache is None or not c.align else AlignmentCache(
-                c.align_cache, {key: description[key] for key in ("model", "data", "seq_len", "tokens", "dtype", "merge")})
-            probes = record_layer_inputs(self.model, self.dense_layers, self.align_blocks[:1, :PROBE_TOKENS])
-            self._merger = LayerMerger(self.dense_layers, statistics, geometry, self.family, c.merge_rule,
-                                       cache_bytes=int(c.merge_cache_gb * 1024**3), probes=probes, model_name=name,
-                                       assignment=self.align_method, store=store)
-        return self._merger
+    def units(self) -> list[Unit]:
+        """Every unit of the dense model with its importance: what the ranking and a one-shot width plan read."""
+        return self.builder.units()
 
-    @property
-    def repairer(self) -> SeamRepairer | None:
-        """Built on first use: the dense states it fits to cost one forward over the repair tokens."""
-        if self.config.repair == "none":
-            return None
-        if self._repairer is None:
-            self._repairer = SeamRepairer(self.model, self.dense_layers, self.split.tune[: self.config.repair_blocks],
-                                          self.batch_size, self.family, self.config.repair_ridge,
-                                          self.config.repair_inputs, self.config.repair, self.config.repair_min_run)
-        return self._repairer
+    def stack(self, genes: Sequence[object]) -> LayerStack:
+        """The layers the genome is scored with: cut, then repaired as configured."""
+        return self.builder.stack(genes)
 
-    def raw_stack(self, genes: Sequence[int]) -> LayerStack:
-        """The chromosome's layers as cut (merge blocks fused), before any repair."""
-        genes = validate(genes, self.num_layers)
-        has_merge = any(block.merged for block in blocks(genes))
-        return layer_stack(self.dense_layers, self.dense_types, genes, self.merger if has_merge else None)
-
-    def stack(self, genes: Sequence[int]) -> LayerStack:
-        """The layers the chromosome is scored with: cut, then repaired as configured."""
-        raw = self.raw_stack(genes)
-        return raw if self.repairer is None else self.repairer.repaired(raw)
-
-    def compact(self, genes: Sequence[int]):
-        """Cut the resident model to the chromosome for good, repaired as it was scored; the
-        evaluator cannot score anything afterwards."""
-        return install_stack(self.model, self.stack(genes))
-
-    def heldout(self, genes: Sequence[int], texts: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Perplexity of the (repaired) chromosome on each named set of blocks: dev or test text."""
+    def heldout(self, genes: Sequence[object], texts: dict[str, torch.Tensor],
+                references: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Perplexity of the (repaired) genome on each named set of blocks (dev or test text), and
+        with the dense model's final hidden states on a text (`final_hidden`) its fidelity there:
+        {"perplexity", "kl", "top1"} in place of the perplexity alone."""
         stack = self.stack(genes)
+        references = references or {}
         with layer_view(self.model, stack.modules, stack.layer_types):
-            return {name: perplexity(self.model, blocks, self.batch_size)[0] for name, blocks in texts.items()}
+            return {name: fidelity(self.model, blocks, self.batch_size, references[name]) if name in references
+                    else perplexity(self.model, blocks, self.batch_size)[0] for name, blocks in texts.items()}
 
-    def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
-        """Fitness of each chromosome; out of device memory, the population is scored again with
+    def evaluate(self, population: Sequence[Sequence[object]], tokens: int | None = None) -> list[Fitness]:
+        """Fitness of each genome; out of device memory, the population is scored again with
         half as many windows per forward (the same numbers, up to rounding), down to one. The
         alignment and repair statistics are then collected again, at the smaller batch."""
         for genes in population:  # validate all before any work
@@ -304,13 +289,14 @@ class ModelEvaluator:
         self.batch_size //= 2
         # Everything that holds states per batch of the old size is built again at the new one.
         self._scorers.clear()
-        self._merger = self._repairer = self._reference = None
+        self._reference = None
+        self.builder.reset(self.batch_size)
         logger.warning("out of memory on %s; scoring again with %d windows per forward", device, self.batch_size)
 
-    def _evaluate(self, population: Sequence[Sequence[int]], tokens: int | None) -> list[Fitness]:
+    def _evaluate(self, population: Sequence[Sequence[object]], tokens: int | None) -> list[Fitness]:
         scorer = self._scorer(tokens)
         # Neighbours in this order share leading layers, so prefix states and repairs are reused.
-        order = sorted(range(len(population)), key=lambda i: [(b.anchor, b.merged) for b in blocks(population[i])])
+        order = sorted(range(len(population)), key=lambda i: [_sort_key(b) for b in blocks(population[i])])
         results: list[Fitness | None] = [None] * len(population)
         for i in order:
             results[i] = self._score(scorer, self.stack(population[i]))
@@ -328,16 +314,10 @@ class ModelEvaluator:
             self._scorers[count] = PrefixScorer(self.model, self.split.score[:count], self.batch_size, reference)
         return self._scorers[count]
 
-    @torch.no_grad()
     def reference(self) -> torch.Tensor:
-        """The dense model's final hidden states on the scoring blocks, for KL fitness
-        (scoring tokens x hidden values: far smaller than the logits over a large vocabulary)."""
+        """The dense model's final hidden states on the scoring blocks, for KL fitness."""
         if self._reference is None:
-            device = next(self.model.parameters()).device
-            score = self.split.score
-            self._reference = torch.cat([
-                self.model.model(input_ids=score[s:s + self.batch_size].to(device), use_cache=False).last_hidden_state
-                for s in range(0, score.shape[0], self.batch_size)])
+            self._reference = final_hidden(self.model, self.split.score, self.batch_size)
         return self._reference
 
     def _score(self, scorer: PrefixScorer, stack: LayerStack) -> Fitness:

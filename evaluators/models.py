@@ -145,6 +145,15 @@ def _from_pretrained(folder: Path, dtype: torch.dtype, device_map: dict[str, Any
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager", device_map=device_map)
 
 
+def skeleton(spec: str) -> PreTrainedModel:
+    """The model built on the meta device from its config: its module tree without any weights,
+    to check what a run asks of it before the weights load."""
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_folder(spec)))
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers that the genome addresses: `model.model.layers`."""
     layers = getattr(getattr(model, "model", None), "layers", None)

@@ -24,10 +24,35 @@ def nll_of_hidden(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tenso
     return token_losses(model, hidden, ids)[0]
 
 
-def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor,
-                 reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+@torch.no_grad()
+def final_hidden(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's final hidden states on the blocks [n, L, H]: a reference far smaller than its
+    logits over a large vocabulary."""
+    device = next(model.parameters()).device
+    return torch.cat([model.model(input_ids=blocks[s:s + batch_size].to(device), use_cache=False).last_hidden_state
+                      for s in range(0, blocks.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def fidelity(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int, reference: torch.Tensor) -> dict[str, float]:
+    """Perplexity, the mean KL(dense || model) per predicted token and the share of tokens whose
+    most likely next token is the dense model's, against the dense final hidden states `reference`."""
+    device = next(model.parameters()).device
+    totals = [0.0, 0.0, 0.0]
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start:start + batch_size].to(device)
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        for index, value in enumerate(token_losses(model, hidden, ids, reference[start:start + batch_size].to(device))):
+            totals[index] += float(value)
+    count = predicted_tokens(blocks)
+    return {"perplexity": math.exp(totals[0] / count), "kl": totals[1] / count, "top1": totals[2] / count}
+
+
+def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Summed next-token NLL, and with the dense model's final hidden states `reference` [B, L, H]
-    the summed KL(dense || pruned) of the next-token distributions (fp32).
+    the summed KL(dense || pruned) of the next-token distributions (fp32) and the number of tokens
+    whose most likely next token is the dense model's.
 
     The dense side is kept as hidden states, not logits: its log-probabilities are recomputed
     chunk by chunk, so a large vocabulary never needs tokens x vocab floats in memory.
@@ -37,7 +62,7 @@ def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor
     dense = None if reference is None else reference[:, :-1].reshape(-1, reference.shape[-1])
     targets = ids[:, 1:].reshape(-1)
     nll = hidden.new_zeros((), dtype=torch.float32)
-    kl = None if dense is None else hidden.new_zeros((), dtype=torch.float32)
+    kl = agree = None if dense is None else hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), LOGIT_CHUNK):
         chunk = slice(start, start + LOGIT_CHUNK)
         logits = head(states[chunk]).float()  # on the head's device (with a model spread over GPUs, its own)
@@ -46,7 +71,8 @@ def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor
             log_p = F.log_softmax(logits, dim=-1)
             log_q = F.log_softmax(head(dense[chunk]).float(), dim=-1)
             kl = kl + F.kl_div(log_p, log_q, log_target=True, reduction="sum").to(kl.device)
-    return nll, kl
+            agree = agree + (log_p.argmax(-1) == log_q.argmax(-1)).sum().to(agree.device)
+    return nll, kl, agree
 
 
 def predicted_tokens(blocks: torch.Tensor) -> int:
@@ -118,7 +144,7 @@ class PrefixScorer:
             kept = self._states[batch_index][:shared] if shared else []
             hidden, fresh = self._forward(ids, stack, shared, kept[-1] if kept else None, record=share)
             reference = None if self.reference is None else self.reference[start:start + self.batch_size].to(self.device)
-            nll, kl = token_losses(self.model, hidden, ids, reference)
+            nll, kl, _ = token_losses(self.model, hidden, ids, reference)
             total += float(nll)
             if kl is not None:
                 divergence += float(kl)

@@ -5,8 +5,8 @@
 - `evaluators.workers.plan_workers` decides how many actors and what each asks of Ray (a GPU,
   several GPUs of one node, or CPU threads); `start_actors` starts them.
 - `RayEvaluatorPool` implements `Evaluator` over actor handles. Like Ray's `util/actor_pool.py`
-  it never knows the actor's class: it only calls `ready()`, `evaluate(population, tokens)` and
-  `block_influence()`.
+  it never knows the actor's class: it only calls `ready()`, `evaluate(population, tokens)`,
+  `block_influence()` and `units()`.
 - `open_evaluator` is what the search uses: it picks in-process or Ray, starts what it needs and
   shuts down only what it started.
 
@@ -41,6 +41,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError, RayTaskError
 
 from chromosomes import validate
+from chromosomes.width import Unit
 from evaluators.fitness import DeviceMemoryError, Evaluator, EvaluatorConfig, Fitness, ModelEvaluator
 from evaluators.models import ModelLoadError, model_folder
 from evaluators.workers import AUTO, Cluster, WorkerConfig, WorkerPlan, plan_workers
@@ -103,6 +104,9 @@ class EvaluatorWorker:
 
     def block_influence(self) -> list[float]:
         return self._loaded().block_influence()
+
+    def units(self) -> list[Unit]:
+        return self._loaded().units()
 
     def _loaded(self) -> ModelEvaluator:
         if self._evaluator is None:
@@ -210,22 +214,26 @@ class RayEvaluatorPool:
         self._actors = []
 
     def block_influence(self) -> list[float]:
-        """One dense forward, so one actor answers; one that died, is restarting or does not answer
-        within the chunk timeout (or, without one, the start timeout) passes the question on."""
+        return self._ask_one("block_influence")
+
+    def units(self) -> list[Unit]:
+        return self._ask_one("units")
+
+    def _ask_one(self, method: str) -> Any:
+        """A question about the dense model, so one actor answers; one that died, is restarting or
+        does not answer within the chunk timeout (or, without one, the start timeout) passes it on."""
         timeout = self.chunk_timeout or self.start_timeout
         for actor in self._actors:
             try:
-                return ray.get(actor.block_influence.remote(), timeout=timeout)
+                return ray.get(getattr(actor, method).remote(), timeout=timeout)
             except GetTimeoutError:
-                logger.warning("an evaluation actor did not answer block_influence within %g s; asking the next",
-                               timeout)
+                logger.warning("an evaluation actor did not answer %s within %g s; asking the next", method, timeout)
                 ray.kill(actor, no_restart=False)  # whatever it is stuck in, Ray restarts it
             except (RayActorError, ActorUnavailableError):
                 continue
             except RayTaskError as error:
                 _reraise_remote(error)
-        raise PoolError(f"no actor could answer block_influence: every actor died, is restarting or took over "
-                        f"{timeout:g} s")
+        raise PoolError(f"no actor could answer {method}: every actor died, is restarting or took over {timeout:g} s")
 
     def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
         genes = [validate(individual, self.num_layers) for individual in population]  # refuse before any work

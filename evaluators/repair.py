@@ -1,32 +1,41 @@
 """Seam repair: a closed-form, training-free fix of every cut, folded into the weights.
 
-Where a chromosome removes layers a+1..t after a kept layer a, the residual stream after a no
-longer looks like the dense model's after t. Layer a's MLP writes into that stream through
-`down_proj`, so a linear map T on the MLP output can move a's output towards the dense one:
+Where a genome removes sub-layers after a kept one, the residual stream after the kept one no
+longer looks like the dense model's after the last removed one. The kept sub-layer writes into
+that stream through its output projection (down_proj after an MLP, o_proj after an attention
+whose MLP is gone), so a linear map T on that output can move it towards the dense one:
 
-    out_a = h_mid + mlp(h_mid)        (h_mid: the residual after a's attention)
-    fit T to minimise || h_mid + mlp(h_mid) T - dense_t ||^2 + ridge * ||T - I||^2
+    out = h + f(h)        (h: the residual stream the sub-layer reads, f(h): what it writes)
+    fit T to minimise || h + f(h) T - dense ||^2 + ridge * ||T - I||^2
 
-and fold it into the weights, down_proj.W <- T^T W (bias b <- T^T b): same architecture, same
-parameter count, a plain Hugging Face model (ReplaceMe and LinearPatch fold such maps too).
+and fold it into the weights, W <- T^T W (bias b <- T^T b): same architecture, same parameter
+count, a plain Hugging Face model (ReplaceMe and LinearPatch fold such maps too). Whole layers
+removed are runs of two sub-layers each, so a depth genome gets the maps it always got.
 The normal equations are accumulated in fp64 over batches, so memory grows with hidden^2 and
 never with the number of tokens. Every token counts, the first of each window too: leaving
-that attention-sink token out let the map corrupt it, and perplexity rose (473 against 53.6
-unrepaired, SmolLM2-135M, 8 of 30 layers).
+that attention-sink token out let the map corrupt it, and perplexity rose.
+
+A narrowed sub-layer (fewer key-value groups or channels) is refitted first: its output
+projection's kept columns are the least-squares fit of the dense projection's output,
+
+    W_K <- W G[:, K] (G[K, K] + ridge I)^-1,    G = sum over dense tokens of x x^T
+
+with x the projection's input: one Gram matrix per layer and kind serves every width.
 
 Variants (`--repair`; experiments/repair_variants chose `lsq` on dev text):
-- `lsq`: the full map above, folded into down_proj;
-- `lsq-attn`: first a map on the attention output, folded into o_proj, then, on the layer as
-  it now computes, the map on the MLP output (each stage closed form);
+- `lsq`: the full map above, folded into the output projection;
+- `lsq-attn`: after an MLP, first a map on the attention output, folded into o_proj, then, on the
+  layer as it now computes, the map on the MLP output (each stage closed form);
 - `scale`: LinearPatch-style, a channel scaling in a rotated basis, T = Q diag(d) Q^T with Q a
   fixed random orthogonal matrix (the rotation spreads outlier channels; a Hadamard matrix
   does the same where the hidden size allows one): hidden values to fit instead of hidden^2.
-`--repair-min-run N` repairs only the seams where at least N layers were removed.
+`--repair-min-run N` repairs only the seams where at least N layers' worth of sub-layers
+(2N - 1 of them) were removed.
 
 A seam is fitted on the dense model's input to its block (`dense`: a fit depends on the block
-and its target alone, so a search shares it among chromosomes) or on the cut model's own
-input, earlier seams already repaired (`pruned`: a fit depends on the stack's prefix, and
-chromosomes sharing leading layers share it). Fits are cached within a byte budget.
+and its target alone, so a search shares it among genomes) or on the cut model's own input,
+earlier seams already repaired (`pruned`: a fit depends on the stack's prefix, and genomes
+sharing leading layers share it). Fits are cached within a byte budget.
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ from transformers import PreTrainedModel
 
 from evaluators.families import LayerFamily, LayoutError
 from evaluators.perplexity import Replay
-from evaluators.surgery import LayerStack, layer_view
+from evaluators.surgery import LayerStack, dense_layer_types, layer_view
 
 REPAIRS: tuple[str, ...] = ("none", "lsq", "lsq-attn", "scale")
 REPAIR_INPUTS: tuple[str, ...] = ("pruned", "dense")
@@ -57,25 +66,42 @@ class RepairError(ValueError):
 
 @dataclass(frozen=True)
 class RepairedLayer:
-    """Key of a repaired module: the raw block key, and the dense layer whose output it imitates."""
+    """Key of a repaired module: the raw block key, and the dense sub-layer whose output it imitates
+    (2t: layer t's attention, 2t + 1: layer t's MLP, so the dense state after layer t)."""
 
     block: Hashable
     target: int
 
 
-def seam_targets(stack: LayerStack, num_layers: int, min_run: int = 1) -> list[tuple[int, int]]:
-    """(position in the stack, dense layer to imitate) for every kept block followed by at least
-    `min_run` removed layers.
+@dataclass(frozen=True)
+class Seam:
+    """A kept sub-layer followed by removed ones: where a map is fitted and what it imitates."""
 
-    The target is the last dense layer before the next kept block's anchor (or the model's last
-    layer); layers merged into the block count as removed, since the fused layer is not them.
+    position: int  # of the block in the stack
+    kind: str  # the anchor sub-layer: "attention" (its MLP is gone) or "mlp"
+    target: int  # the last removed sub-layer (2t: attention of layer t, 2t + 1: its MLP)
+
+
+def seam_targets(stack: LayerStack, num_layers: int, min_run: int = 1) -> list[Seam]:
+    """A seam for every kept sub-layer followed by at least 2 * `min_run` - 1 removed sub-layers.
+
+    Sub-layers are numbered in the order they run (layer t's attention 2t, its MLP 2t + 1); the
+    target is the last one removed before the next kept one (or the model's last). Layers merged
+    into a block count as removed, since the fused layer is not them.
     """
-    anchors = [block.anchor for block in stack.plan] + [num_layers]
-    return [(k, anchors[k + 1] - 1) for k in range(len(stack.plan)) if anchors[k + 1] - 1 - anchors[k] >= min_run]
+    kept = []  # (sub-layer index, position in the stack, kind)
+    for position, block in enumerate(stack.plan):
+        if block.kv_heads != 0:
+            kept.append((2 * block.anchor, position, "attention"))
+        if block.channels != 0:
+            kept.append((2 * block.anchor + 1, position, "mlp"))
+    following = [index for index, _, _ in kept[1:]] + [2 * num_layers]
+    return [Seam(position, kind, after - 1) for (index, position, kind), after in zip(kept, following)
+            if after - index - 1 >= max(1, 2 * min_run - 1)]
 
 
-def mlp_output_projection(layer: nn.Module, family: LayerFamily) -> nn.Linear:
-    """The linear map that writes a decoder layer's MLP output into the residual stream."""
+def check_repairable(layer: nn.Module, family: LayerFamily) -> None:
+    """Refuse a family whose sub-layer outputs do not reach the residual stream through a projection alone."""
     if family.experts:
         raise RepairError(f"seam repair is not supported for {type(layer).__name__}: its MLP is a mixture of "
                           "experts, with no single output projection to fold a map into (use --repair none)")
@@ -83,12 +109,11 @@ def mlp_output_projection(layer: nn.Module, family: LayerFamily) -> nn.Linear:
         raise RepairError(f"seam repair is not supported for {type(layer).__name__}: a norm "
                           f"({family.mlp_output_norm}) follows its MLP, so a map folded into {family.down} would "
                           "be normalised away (use --repair none)")
-    return _linear(layer, family, family.down, "use --repair none")
 
 
 def output_projection(layer: nn.Module, family: LayerFamily, path: str) -> nn.Linear:
-    """The linear map at `path` (down_proj, or o_proj for lsq-attn) that writes into the residual stream."""
-    mlp_output_projection(layer, family)
+    """The linear map at `path` (down_proj, or o_proj) that writes into the residual stream."""
+    check_repairable(layer, family)
     return _linear(layer, family, path, "use --repair none" if path == family.down else "use --repair lsq")
 
 
@@ -205,7 +230,8 @@ def random_rotation(size: int, seed: int = 0) -> torch.Tensor:
 
 
 class SeamRepairer:
-    """Fits and caches seam repairs of layer stacks on fixed calibration blocks."""
+    """Fits and caches seam repairs of layer stacks, and refits narrowed sub-layers, on fixed
+    calibration blocks."""
 
     def __init__(self, model: PreTrainedModel, dense_layers: Sequence[nn.Module], blocks: torch.Tensor,
                  batch_size: int, family: LayerFamily, ridge: float = 1e-3, inputs: str = "pruned",
@@ -218,14 +244,16 @@ class SeamRepairer:
             raise RepairError(f"min_run must be at least 1, got {min_run}")
         if inputs not in REPAIR_INPUTS:
             raise RepairError(f"repair inputs must be one of {', '.join(REPAIR_INPUTS)}, got {inputs!r}")
-        self.paths = (family.o, family.down) if method == "lsq-attn" else (family.down,)
+        # the projections a seam's maps are folded into, in order, by the kind of its anchor
+        self.paths = {"attention": (family.o,), "mlp": (family.o, family.down) if method == "lsq-attn" else (family.down,)}
         for layer in dense_layers:
-            for path in self.paths:  # refuse an unsupported layout before any work
+            for path in (family.o, family.down):  # refuse an unsupported layout before any work
                 output_projection(layer, family, path)
         check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS], family)
         self.model = model
         self.family = family
         self.dense_layers = list(dense_layers)
+        self.dense_types = dense_layer_types(model)
         self.blocks = blocks
         self.batch_size = batch_size
         self.ridge = ridge
@@ -236,11 +264,16 @@ class SeamRepairer:
         self.cache_bytes = cache_bytes
         self._cached_bytes = 0
         self.device = next(model.parameters()).device
-        # [depth][batch]: the dense residual stream after `depth` layers (0: the embeddings)
+        # [depth][batch]: the dense residual stream after `depth` layers (0: the embeddings), and
+        # [layer][batch]: after each layer's attention (read only by seams that end inside a layer)
         self._dense: list[list[torch.Tensor]] | None = None
-        # what a fit depends on -> (repaired module, its output per batch); with pruned inputs that
-        # is the stack's key prefix through the repaired block, with dense inputs the block alone
-        self._fitted: OrderedDict[Hashable, tuple[nn.Module, list[torch.Tensor]]] = OrderedDict()
+        self._middle: list[list[torch.Tensor]] | None = None
+        # what a fit depends on -> (repaired module, its output per batch, bytes held); with pruned
+        # inputs that is the stack's key prefix through the repaired block, with dense inputs the block alone
+        self._fitted: OrderedDict[Hashable, tuple[nn.Module, list[torch.Tensor], int]] = OrderedDict()
+        # (layer, kind) -> Gram matrix of the dense output projection's input, for refits
+        self._grams: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+        self._gram_bytes = 0
 
     def _batches(self) -> list[torch.Tensor]:
         return [self.blocks[s:s + self.batch_size].to(self.device) for s in range(0, self.blocks.shape[0], self.batch_size)]
@@ -256,20 +289,40 @@ class SeamRepairer:
             hooks.append(self.dense_layers[0].register_forward_pre_hook(
                 lambda _m, args, kwargs: states[0].append(args[0] if args else kwargs["hidden_states"]),
                 with_kwargs=True))
-            try:
-                for ids in self._batches():
-                    self.model.model(input_ids=ids, use_cache=False)
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            self._dense_forward(hooks)
             self._dense = states
         return self._dense
+
+    @torch.no_grad()
+    def middle_states(self) -> list[list[torch.Tensor]]:
+        """The dense residual stream after each layer's attention (what its MLP norm reads): one more
+        dense forward, taken only when a seam ends between a layer's attention and its MLP."""
+        if self._middle is None:
+            states: list[list[torch.Tensor]] = [[] for _ in self.dense_layers]
+            hooks = [self.family.module(layer, self.family.mlp_norm).register_forward_pre_hook(
+                     lambda _m, args, i=i: states[i].append(args[0])) for i, layer in enumerate(self.dense_layers)]
+            self._dense_forward(hooks)
+            self._middle = states
+        return self._middle
+
+    def _dense_forward(self, hooks: list) -> None:
+        try:
+            for ids in self._batches():
+                self.model.model(input_ids=ids, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def dense_after(self, sublayer: int) -> list[torch.Tensor]:
+        """The dense residual stream after a sub-layer (2t: layer t's attention, 2t + 1: layer t), per batch."""
+        layer, is_mlp = divmod(sublayer, 2)
+        return self.dense_states()[layer + 1] if is_mlp else self.middle_states()[layer]
 
     def repaired(self, stack: LayerStack) -> LayerStack:
         """The stack with every seam repaired (cached fits reused, new ones fitted in order).
 
         With pruned inputs, each seam is fitted on what the cut model (earlier seams repaired)
-        feeds it: exact, at the cost of one forward of the new chromosome's layers over the repair
+        feeds it: exact, at the cost of one forward of the new genome's layers over the repair
         tokens. With dense inputs, a seam is fitted on the dense model's input to its block, so a
         fit depends only on (block, target) and a search soon has every fit it needs cached.
         """
@@ -278,47 +331,52 @@ class SeamRepairer:
         modules, keys = list(stack.modules), list(stack.keys)
         state: list[torch.Tensor] | None = None  # output of the last repaired seam, per batch
         done = 0  # blocks of the stack that `state` has passed through
-        for position, target in seams:
-            keys[position] = RepairedLayer(stack.keys[position], target)
+        for seam in seams:
+            position = seam.position
+            keys[position] = RepairedLayer(stack.keys[position], seam.target)
             key = keys[position] if dense_inputs else tuple(keys[:position + 1])
             if key in self._fitted:
                 self._fitted.move_to_end(key)
-                modules[position], state = self._fitted[key]
+                modules[position], state, _ = self._fitted[key]
             else:
                 if dense_inputs:
                     segment, start, state = [modules[position]], position, self.dense_states()[stack.plan[position].anchor]
                 else:
                     segment, start = modules[done:position + 1], done
-                modules[position], state = self._fit(segment, stack, start, state, target)
-                self._remember(key, modules[position], [] if dense_inputs else state)
+                types = None if stack.layer_types is None else list(stack.layer_types[start:position + 1])
+                modules[position], state = self._fit(segment, types, state, seam)
+                self._remember(key, modules[position], [] if dense_inputs else state, seam.kind)
             done = position + 1
         return LayerStack(stack.plan, tuple(keys), tuple(modules), stack.layer_types)
 
-    def _remember(self, key: Hashable, module: nn.Module, state: list[torch.Tensor]) -> None:
+    def _remember(self, key: Hashable, module: nn.Module, state: list[torch.Tensor], kind: str) -> None:
         """Cache a fit, dropping the least recently used ones beyond the cache's byte budget."""
-        self._fitted[key] = (module, state)
-        self._cached_bytes += self._entry_bytes(module, state)
+        weights = [output_projection(module, self.family, path).weight for path in self.paths[kind]]
+        size = sum(t.numel() * t.element_size() for t in [*weights, *state])
+        self._fitted[key] = (module, state, size)
+        self._cached_bytes += size
         while self._cached_bytes > self.cache_bytes and len(self._fitted) > 1:
-            _, (old_module, old_state) = self._fitted.popitem(last=False)
-            self._cached_bytes -= self._entry_bytes(old_module, old_state)
+            _, (_, _, dropped) = self._fitted.popitem(last=False)
+            self._cached_bytes -= dropped
 
     @torch.no_grad()
-    def _fit(self, segment: list[nn.Module], stack: LayerStack, start: int, state: list[torch.Tensor] | None,
-             target: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    def _fit(self, segment: list[nn.Module], types: list[str] | None, state: list[torch.Tensor] | None,
+             seam: Seam) -> tuple[nn.Module, list[torch.Tensor]]:
         """Run `segment` (ending with the block to repair) from `state`, fit its output maps, fold them.
 
         Each map (o_proj's, then down_proj's for lsq-attn) is fitted on the layer as the maps
         before it left it, so the last fit sees exactly what the repaired layer computes. Returns
         the repaired module and its output on every batch, the next segment's start.
         """
-        dense = self.dense_states()[target + 1]
+        dense = self.dense_after(seam.target)
         layer, outputs = segment[-1], []
-        for path in self.paths:
+        for path in self.paths[seam.kind]:
             equations = NormalEquations(self.model.config.hidden_size, self.device)
             outputs, writes = [], []
             for batch, ids in enumerate(self._batches()):
-                out, written = self._run(ids, [*segment[:-1], layer], stack, start,
-                                         None if state is None else state[batch], path)
+                captured = self._run(ids, [*segment[:-1], layer], types, None if state is None else state[batch],
+                                     {"out": layer, "written": self.family.module(layer, path)})
+                out, written = captured["out"], captured["written"]
                 rest = out - written  # what the layer adds besides this projection's output
                 equations.add(written, dense[batch] - rest)
                 outputs.append(rest)
@@ -338,30 +396,82 @@ class SeamRepairer:
             transform = torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
         return transform
 
-    def _run(self, ids: torch.Tensor, segment: list[nn.Module], stack: LayerStack, start: int,
-             state: torch.Tensor | None, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output of the segment's last layer, and of that layer's projection at `path`, on one batch."""
-        modules, types = list(segment), None
-        if stack.layer_types is not None:
-            types = list(stack.layer_types[start:start + len(segment)])
+    def _run(self, ids: torch.Tensor, segment: list[nn.Module], types: list[str] | None,
+             state: torch.Tensor | None, watch: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Run the segment on one batch (from `state`, else from the embeddings) and return what
+        each watched module put out."""
+        modules = list(segment)
+        types = None if types is None else list(types)
         if state is not None:
             modules.insert(0, Replay(state))
             if types is not None:
                 types.insert(0, types[0])  # the replayed layers' attention type does not matter
         captured: dict[str, torch.Tensor] = {}
-        last = segment[-1]
-        hooks = [last.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out)),
-                 self.family.module(last, path).register_forward_hook(
-                     lambda _m, _a, out: captured.__setitem__("written", out))]
+
+        def keep(name: str):
+            def hook(_module: nn.Module, _args: tuple, out) -> None:
+                captured[name] = out[0] if isinstance(out, tuple) else out
+            return hook
+
+        hooks = [module.register_forward_hook(keep(name)) for name, module in watch.items()]
         try:
             with layer_view(self.model, modules, types):
                 self.model.model(input_ids=ids, use_cache=False)
         finally:
             for hook in hooks:
                 hook.remove()
-        out = captured["out"]
-        return (out[0] if isinstance(out, tuple) else out), captured["written"]
+        return captured
 
-    def _entry_bytes(self, module: nn.Module, state: list[torch.Tensor]) -> int:
-        weights = [output_projection(module, self.family, path).weight for path in self.paths]
-        return sum(t.numel() * t.element_size() for t in [*weights, *state])
+    # -- refits of narrowed sub-layers ------------------------------------------------------------
+
+    def refit(self, layer: int, kind: str, narrowed: nn.Module, columns: Sequence[int]) -> None:
+        """Refit, in place, the output projection of a narrowed sub-layer of dense layer `layer`:
+        its kept `columns` become the least-squares fit of the dense projection's output on the
+        dense model's own activations (a sub-block solve of that layer's Gram matrix)."""
+        path = self.family.o if kind == "attention" else self.family.down
+        dense = output_projection(self.dense_layers[layer], self.family, path).weight
+        target = output_projection(narrowed, self.family, path)
+        gram = self.gram(layer, kind)
+        kept = torch.tensor(list(columns), device=gram.device)
+        g_kk, g_nk = gram[kept][:, kept], gram[:, kept]
+        strength = self.ridge * float(torch.diagonal(g_kk).mean()) + 1e-12
+        eye = torch.eye(len(columns), dtype=gram.dtype, device=gram.device)
+        # W_K^T = (G_KK + s I)^-1 G_KN W^T, the normal equations of min ||X_K W_K^T - X W^T||^2
+        solved = torch.linalg.solve(g_kk + strength * eye, g_nk.T @ dense.double().T).T
+        if torch.isfinite(solved).all():
+            target.weight.data = solved.to(target.weight.dtype)
+
+    @torch.no_grad()
+    def gram(self, layer: int, kind: str) -> torch.Tensor:
+        """X^T X (fp64) of the dense input of layer `layer`'s output projection of this kind, over
+        the repair blocks: both kinds from one run of that layer alone on its dense input."""
+        key = (layer, kind)
+        if key not in self._grams:
+            dense, types = self.dense_states()[layer], self.dense_types
+            sums: dict[str, torch.Tensor] = {}
+            paths = {"attention": self.family.o, "mlp": self.family.down}
+
+            def accumulate(name: str):
+                def hook(_module: nn.Module, args: tuple) -> None:
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    product = (x.T @ x).double()
+                    sums[name] = product if name not in sums else sums[name] + product
+                return hook
+
+            module = self.dense_layers[layer]
+            hooks = [self.family.module(module, path).register_forward_pre_hook(accumulate(name))
+                     for name, path in paths.items()]
+            try:
+                for batch, ids in enumerate(self._batches()):
+                    self._run(ids, [module], None if types is None else [types[layer]], dense[batch], {})
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for name, total in sums.items():
+                self._grams[(layer, name)] = total
+                self._gram_bytes += total.numel() * total.element_size()
+            while self._gram_bytes > self.cache_bytes and len(self._grams) > 2:
+                _, dropped = self._grams.popitem(last=False)
+                self._gram_bytes -= dropped.numel() * dropped.element_size()
+        self._grams.move_to_end(key)
+        return self._grams[key]

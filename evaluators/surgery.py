@@ -1,23 +1,21 @@
-"""Layer surgery: run a chromosome on the resident model, or cut a compact model for export.
+"""Layer surgery: run a stack of layers on the resident model for a while, or install it for good.
 
 Both paths go through `install_layers`, so a temporary view and a saved compact model run
-exactly the same modules in the same order and give identical logits. Transformers 5.x keeps
-the layer count in four places (the layer list, each attention's `layer_idx`, the config's
-`layer_types` and `num_hidden_layers`, and Qwen's `has_sliding_layers`); they move together here.
+exactly the same modules in the same order and give identical logits (`evaluators.build`
+turns a genome into the stack). Transformers 5.x keeps the layer count in four places (the layer
+list, each attention's `layer_idx`, the config's `layer_types` and `num_hidden_layers`, and
+Qwen's `has_sliding_layers`); they move together here.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import Hashable, Iterator, Sequence
 
 from torch import nn
 from transformers import PreTrainedModel
 
-from chromosomes import Block, ChromosomeError, blocks, validate
-from evaluators.models import decoder_layers
-
-Fuser = Callable[[Block], nn.Module]
+from chromosomes import Block
 
 
 @dataclass(frozen=True)
@@ -28,22 +26,6 @@ class LayerStack:
     keys: tuple[Hashable, ...]  # identifies each module: equal key prefixes mean the same computation
     modules: tuple[nn.Module, ...]
     layer_types: tuple[str, ...] | None
-
-
-def layer_stack(
-    dense_layers: Sequence[nn.Module], dense_types: Sequence[str] | None,
-    genes: Sequence[int], fuse: Fuser | None = None,
-) -> LayerStack:
-    """Resolve a chromosome to modules: dense layers as they are, merge blocks through `fuse`."""
-    genes = validate(genes, len(dense_layers))
-    plan = blocks(genes)
-    modules = []
-    for block in plan:
-        if block.merged and fuse is None:
-            raise ChromosomeError("chromosome has MERGE genes but this evaluator was built without merging")
-        modules.append(fuse(block) if block.merged else dense_layers[block.anchor])
-    types = None if dense_types is None else tuple(dense_types[block.anchor] for block in plan)
-    return LayerStack(plan, plan, tuple(modules), types)
 
 
 def install_layers(model: PreTrainedModel, modules: Sequence[nn.Module], layer_types: Sequence[str] | None) -> None:
@@ -89,12 +71,6 @@ def layer_view(model: PreTrainedModel, modules: Sequence[nn.Module], layer_types
 def dense_layer_types(model: PreTrainedModel) -> tuple[str, ...] | None:
     types = getattr(model.config, "layer_types", None)
     return None if types is None else tuple(types)
-
-
-def compact_model(model: PreTrainedModel, genes: Sequence[int], fuse: Fuser | None = None) -> PreTrainedModel:
-    """Cut the model down to the chromosome for good (fused layers become ordinary layers)."""
-    layers = list(decoder_layers(model))
-    return install_stack(model, layer_stack(layers, dense_layer_types(model), genes, fuse))
 
 
 def install_stack(model: PreTrainedModel, stack: LayerStack) -> PreTrainedModel:

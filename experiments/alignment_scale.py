@@ -144,9 +144,9 @@ def smollm2_pairs(args: argparse.Namespace, pairs: Sequence[tuple[int, int]]) ->
                   for method in ("hungarian", "greedy")}
     reference = evaluators["hungarian"]
     geometry = Geometry.of(reference.model.config)
-    blocks = reference.align_blocks
+    blocks = reference.builder.align_blocks
     for anchor, other in pairs:
-        moments, _ = pair_statistics(reference.model, reference.dense_layers, reference.family, geometry, blocks,
+        moments, _ = pair_statistics(reference.model, reference.builder.dense_layers, reference.family, geometry, blocks,
                                      reference.batch_size, anchor, other)
         similarity = moments.correlation()
         genes = [Gene.KEEP] * reference.num_layers

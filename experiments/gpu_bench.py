@@ -155,10 +155,10 @@ def alignment_rows(evaluator: ModelEvaluator, anchor: int, other: int) -> list[d
     """One merge alignment at the model's MLP width: streamed statistics, then each assignment."""
     device = evaluator.model.device
     geometry = Geometry.of(evaluator.model.config)
-    blocks = evaluator.align_blocks
+    blocks = evaluator.builder.align_blocks
     reset_peak(device)
     seconds, (moments, _) = timed(device, lambda: pair_statistics(
-        evaluator.model, evaluator.dense_layers, evaluator.family, geometry, blocks, evaluator.batch_size, anchor, other))
+        evaluator.model, evaluator.builder.dense_layers, evaluator.family, geometry, blocks, evaluator.batch_size, anchor, other))
     similarity = moments.correlation()
     units = similarity.shape[0]
     rows = [{"part": "alignment statistics", "tokens": blocks.numel(), "units": units, "seconds": seconds,

@@ -1,55 +1,68 @@
-"""Search quality at equal budget, compared fairly: our GA against one-shot and evolutionary baselines.
+"""Search quality at equal budget, compared fairly: the GA on each space against one-shot and
+evolutionary baselines.
 
 Every method sees the same thing and pays the same way:
-- the same fitness: ga.run's default (perplexity on 4,096 calibration tokens in 1,024-token
-  windows, every chromosome seam-repaired as `--repair` says before it is scored), so a
-  repaired baseline is the bar to beat, never a raw one;
-- the same budget, counted the same way: --evals fitness evaluations, a one-shot method's
-  single-layer scans included, a screening counted as the share of scoring tokens it reads;
-  the GA stops inside a generation rather than overshoot;
-- the same seeding choices: the GA and EvoPress each start from the removal-importance seed
-  and from random chromosomes;
+- the same budget: a share of the decoder parameters (--budgets; a depth method removes that
+  share's whole layers, which must then be a whole number of them), and --evals fitness
+  evaluations, a one-shot method's single-layer scans included, a screening counted as the share
+  of scoring tokens it reads; the GA stops inside a generation rather than overshoot;
+- the same repair: every cut repaired as `--repair` says before it is scored (narrowed sub-layers
+  refitted, seams mapped), except the one row that shows the raw one-shot width plan;
+- the same seeding: the GA and EvoPress of a space start from the same one-shot genome;
 - 3 seeds per search method (one-shot methods are deterministic: one run);
-- held-out perplexity of each chosen chromosome, repaired the same way, on the first 65,536
-  tokens (64 windows of 1,024) of WikiText-2 test and PTB test; and on the first --dev-tokens
-  of the dev texts, which say whether a better fitness carries over to unseen text without
-  looking at test.
+- held-out figures of each chosen genome, repaired the same way: perplexity, KL from the dense
+  model and top-1 agreement with it on the first 65,536 tokens (64 windows of 1,024) of
+  WikiText-2 test and PTB test, perplexity on the first --dev-tokens of the dev texts, and its
+  prefill and decode tokens/s against the dense model's (alternated, medians).
+Setup statistics (repair, alignment, the units' ranking) are not counted for any method.
 
-    python -m experiments.search_quality --data-dir ../shared/data --threads 1 --budgets 8
+    python -m experiments.search_quality --data-dir ../shared/data --threads 2 --budgets 0.26667,0.4
 
 Each finished (budget, method, seed) is kept under --work, so an interrupted benchmark
 continues where it stopped, and the results hold exactly the runs made: a method not run is
-absent. `--reuse STEM` takes the runs of an earlier results file (rows as this code wrote them)
-into --work first, so that new methods, seeds or budgets join them without running them again.
+absent. `--reuse STEM` takes the runs of an earlier results file (rows as this code wrote them,
+or as its earlier version did: budgets in layers) into --work first, so that new methods join
+them without running them again; refused unless their fitness was measured the same way.
 Results: experiments/results/<output>.{json,csv,md,png}.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from chromosomes import from_string, to_string, write_json_atomic
-from evaluators.fitness import FITNESS_KINDS, EvaluatorConfig, Fitness, ModelEvaluator
+import torch
+
+from chromosomes import ParameterBudget, Shape, Space, from_string, to_string, write_json_atomic
+from chromosomes.width import counts_left, select_global
+from evaluators.fitness import FITNESS_KINDS, EvaluatorConfig, Fitness, ModelEvaluator, saved_evaluator
+from evaluators.perplexity import final_hidden
 from evaluators.repair import REPAIR_INPUTS, REPAIRS
+from evaluators.surgery import layer_view
 from evaluators.text import DEV_TEXTS, REPORT_TEXTS, text_blocks
 from experiments.report import RESULTS, save_results
+from finetune.efficiency import PREFILL_TOKENS, decode, prefill, timed
 from ga.baselines import evopress_search, random_search
 from ga.checkpoint import RunFolder
 from ga.config import SearchConfig
-from ga.engine import evaluations_spent, evolve
+from ga.engine import evaluations_spent, evolve, width_seed
+from ga.problem import Problem
 from ga.run import RESUMABLE
 from ga.seeding import single_skips, skip_lowest
 
+LAYERS = 30
+SPEED_ROUNDS = 3
+
 
 class Remembering:
-    """The evaluator with a memory: a chromosome another method (or seed) already scored is
-    answered without recomputing it. Fitness is deterministic, so this changes no result; each
-    method still counts every evaluation it asks for against its own budget."""
+    """The evaluator with a memory: a genome another method (or seed) already scored is answered
+    without recomputing it. Fitness is deterministic, so this changes no result; each method
+    still counts every evaluation it asks for against its own budget."""
 
     def __init__(self, evaluator: ModelEvaluator):
         self.inner = evaluator
@@ -57,7 +70,7 @@ class Remembering:
         self.config = evaluator.config
         self._known: dict[tuple[str, int | None], Fitness] = {}
 
-    def evaluate(self, population: Sequence[Sequence[int]], tokens: int | None = None) -> list[Fitness]:
+    def evaluate(self, population: Sequence[Sequence[object]], tokens: int | None = None) -> list[Fitness]:
         keys = [(to_string(genes), tokens) for genes in population]
         new = list(dict.fromkeys(key for key in keys if key not in self._known))
         for key, fitness in zip(new, self.inner.evaluate([from_string(k) for k, _ in new], tokens) if new else []):
@@ -70,150 +83,265 @@ class Remembering:
     def block_influence(self) -> list[float]:
         return self.inner.block_influence()
 
+    def units(self):
+        return self.inner.units()
+
 
 @dataclass
 class Bench:
-    """What every method shares: the budget, the one evaluator, the settings, the seed."""
+    """What every method shares: the budget, the evaluators (by repair and fitness kind), the seed."""
 
     args: argparse.Namespace
-    removed: int
-    evaluator: Remembering
+    share: float
+    evaluators: Callable[..., Remembering]
     seed: int
 
-    def importance_seed(self) -> tuple[list[int], int]:
-        """The removal-importance chromosome and what finding it cost (one evaluation per layer)."""
-        singles = self.evaluator.evaluate(single_skips(self.evaluator.num_layers))
-        return skip_lowest([f.value for f in singles], self.removed), len(singles)
+    @property
+    def removed(self) -> int:
+        """The budget in whole layers (depth methods): refused unless it is a whole number of them."""
+        layers = self.share * LAYERS
+        if abs(layers - round(layers)) > 1e-3:
+            raise SystemExit(f"budget {self.share} is {layers:.2f} layers: depth methods need a whole number")
+        return round(layers)
+
+    def evaluator(self, fitness: str | None = None, repair: str | None = None) -> Remembering:
+        return self.evaluators(fitness or self.args.fitness, repair or self.args.repair)
+
+    def problem(self, space: str, fitness: str | None = None) -> Problem:
+        search = SearchConfig(space=space, params=self.share) if space != "layers" else SearchConfig(remove=self.removed)
+        return Problem.of(search, self.evaluator(fitness).describe())
+
+    def importance_seed(self, removed: int) -> tuple[list[int], int]:
+        """The removal-importance chromosome of `removed` layers and what finding it cost (one
+        evaluation per layer)."""
+        singles = self.evaluator(self.args.depth_fitness).evaluate(single_skips(LAYERS))
+        return skip_lowest([f.value for f in singles], removed), len(singles)
 
 
 Method = Callable[[Bench], dict[str, Any]]
 
 
-def ga_method(init: str, merge: bool = True) -> Method:
-    """The GA with ga.run's defaults except patience (100 generations, so that it spends the
-    whole budget as every other method does; the bound only matters for a model so small that
-    the GA runs out of new chromosomes)."""
+def ga_method(space: str, init: str | None = None, fitness: str | None = None) -> Method:
+    """The GA with ga.run's defaults for its space except patience (100 generations, so that it
+    spends the whole budget as every other method does)."""
     def search(bench: Bench) -> dict[str, Any]:
         a = bench.args
-        config = SearchConfig(gens=10_000, remove=bench.removed, merge=merge, init=init, max_evals=a.evals,
-                              seed=bench.seed, patience=100)
-        name = f"ga-r{bench.removed}-{init}-{'merge' if merge else 'skip'}-s{bench.seed}"
-        state = evolve(bench.evaluator, config, RunFolder(Path(a.work) / name), progress=False)
-        genes, fitness = state.best()
-        return {"genes": genes, "fitness": fitness.value, "evaluations": evaluations_spent(
-                state, config, bench.evaluator.describe()), "generations": state.generation,
-                "search": config.to_dict()}
+        budget = {"remove": bench.removed} if space == "layers" else {"space": space, "params": bench.share}
+        config = SearchConfig(gens=10_000, **budget, init=init, max_evals=a.evals, seed=bench.seed, patience=100)
+        evaluator = bench.evaluator(fitness)
+        name = f"ga-{space}-{bench.share:.4f}-{config.init}-s{bench.seed}"
+        state = evolve(evaluator, config, RunFolder(Path(a.work) / "runs" / name), progress=False)
+        genes, fitness_ = state.best()
+        return {"genes": genes, "fitness": fitness_.value, "evaluations": evaluations_spent(
+                state, config, evaluator.describe()), "generations": state.generation, "search": config.to_dict()}
     return search
 
 
 def influence_method(bench: Bench) -> dict[str, Any]:
-    genes = skip_lowest(bench.evaluator.block_influence(), bench.removed)
-    return {"genes": genes, "fitness": bench.evaluator.evaluate([genes])[0].value, "evaluations": 1}
+    evaluator = bench.evaluator(bench.args.depth_fitness)
+    genes = skip_lowest(evaluator.block_influence(), bench.removed)
+    return {"genes": genes, "fitness": evaluator.evaluate([genes])[0].value, "evaluations": 1}
 
 
 def importance_method(bench: Bench) -> dict[str, Any]:
-    genes, cost = bench.importance_seed()
-    return {"genes": genes, "fitness": bench.evaluator.evaluate([genes])[0].value, "evaluations": cost}
+    genes, cost = bench.importance_seed(bench.removed)
+    return {"genes": genes, "fitness": bench.evaluator(bench.args.depth_fitness).evaluate([genes])[0].value,
+            "evaluations": cost}
 
 
 def random_method(bench: Bench) -> dict[str, Any]:
-    found = random_search(bench.evaluator, bench.removed, bench.args.evals, seed=bench.seed, merge=False)
+    found = random_search(bench.evaluator(bench.args.depth_fitness), bench.removed, bench.args.evals, seed=bench.seed,
+                          merge=False)
     return {"genes": found.genes, "fitness": found.fitness.value, "evaluations": found.evaluations}
 
 
 def evopress_method(start: str) -> Method:
-    """EvoPress-style (1 + lambda) staged search from a random chromosome or the importance seed
-    (whose single-layer scans count in its budget)."""
+    """EvoPress-style (1 + lambda) staged search over whole layers from a random chromosome or the
+    importance seed (whose single-layer scans count in its budget)."""
     def search(bench: Bench) -> dict[str, Any]:
         a = bench.args
-        parent, cost = bench.importance_seed() if start == "importance" else (None, 0)
-        found = evopress_search(bench.evaluator, bench.removed, a.evals - cost, seed=bench.seed,
-                                full_tokens=bench.evaluator.config.score_tokens, offspring=a.evopress_offspring,
-                                survivors=a.evopress_survivors, screen_tokens=bench.evaluator.config.seq_len,
-                                merge=False, start=parent)
+        parent, cost = bench.importance_seed(bench.removed) if start == "importance" else (None, 0)
+        evaluator = bench.evaluator(a.depth_fitness)
+        problem = Problem(Space("layers", bench.problem("joint").space.shape, merge=False), layers=bench.removed)
+        found = evopress_search(evaluator, problem, a.evals - cost, seed=bench.seed,
+                                full_tokens=evaluator.config.score_tokens, offspring=a.evopress_offspring,
+                                survivors=a.evopress_survivors, screen_tokens=evaluator.config.seq_len, start=parent)
         return {"genes": found.genes, "fitness": found.fitness.value, "evaluations": found.evaluations + cost}
     return search
+
+
+def evopress_joint(bench: Bench) -> dict[str, Any]:
+    """EvoPress-style (1 + lambda) staged search on the joint space with its level-switch mutation,
+    from the joint GA's own one-shot seed, under the same repair and budget."""
+    a = bench.args
+    evaluator = bench.evaluator()
+    problem = bench.problem("joint")
+    start = width_seed(evaluator, problem, random.Random(bench.seed))
+    found = evopress_search(evaluator, problem, a.evals, seed=bench.seed, full_tokens=evaluator.config.score_tokens,
+                            offspring=a.evopress_offspring, survivors=a.evopress_survivors,
+                            screen_tokens=evaluator.config.seq_len, start=start)
+    return {"genes": found.genes, "fitness": found.fitness.value, "evaluations": found.evaluations}
+
+
+def width_plan(bench: Bench, units, shape: Shape, remove: int, layers: Sequence[int] | None = None) -> list[object]:
+    """The one-shot global width plan at unit granularity: the units of least importance per
+    parameter go (from `layers` alone, if given) until `remove` parameters are gone."""
+    pool = [u for u in units if layers is None or u.layer in layers]
+    removed = select_global(pool, remove)
+    return [shape.gene(*counts) for counts in counts_left(units, removed, shape.num_layers)]
+
+
+def oneshot_width(repair: str) -> Method:
+    def oneshot(bench: Bench) -> dict[str, Any]:
+        evaluator = bench.evaluator(repair=repair)
+        shape = bench.problem("joint").space.shape
+        budget = bench.problem("joint").budget
+        genes = width_plan(bench, evaluator.units(), shape, budget.remove)
+        return {"genes": genes, "fitness": evaluator.evaluate([genes])[0].value, "evaluations": 1, "repair": repair}
+    return oneshot
+
+
+def depth_then_width(bench: Bench) -> dict[str, Any]:
+    """Half the budget's layers by removal importance (one evaluation per layer), the rest of the
+    budget by the global width plan over the layers left; repaired."""
+    evaluator = bench.evaluator()
+    problem = bench.problem("joint")
+    shape = problem.space.shape
+    depth, cost = bench.importance_seed(round(bench.share * LAYERS / 2))
+    kept = [i for i, gene in enumerate(depth) if gene == 1]
+    genes = width_plan(bench, evaluator.units(), shape, problem.budget.remove - (LAYERS - len(kept)) * shape.whole_layer,
+                       kept)
+    genes = [gene if i in kept else 0 for i, gene in enumerate(genes)]
+    return {"genes": genes, "fitness": evaluator.evaluate([genes])[0].value, "evaluations": cost + 1}
 
 
 ONE_SHOT: dict[str, Method] = {
     "shortgpt-bi": influence_method,
     "removal-importance": importance_method,
+    "width-oneshot-raw": oneshot_width("none"),
+    "width-oneshot": oneshot_width("lsq"),
+    "depth-then-width": depth_then_width,
 }
 SEARCHES: dict[str, Method] = {
-    "ga-importance": ga_method("importance"),
+    "ga-joint": ga_method("joint"),
+    "ga-sublayers": ga_method("sublayers"),
+    "evopress-joint": evopress_joint,
+    "ga-importance": ga_method("layers", "importance", fitness="ppl"),
     "evopress-importance": evopress_method("importance"),
     "random-search": random_method,
-    "ga-random": ga_method("random"),
+    "ga-random": ga_method("layers", "random", fitness="ppl"),
     "evopress-random": evopress_method("random"),
 }
 METHODS = {**ONE_SHOT, **SEARCHES}
 
 
-def heldout(evaluator: Remembering, genes: Sequence[int], texts: dict[str, Any], work: Path) -> dict[str, float]:
-    """Held-out perplexity of the repaired chromosome, measured once per chromosome and text and kept."""
-    path = work / "heldout" / f"{to_string(genes)}.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    missing = {name: blocks for name, blocks in texts.items() if name not in known}
-    if missing:
-        known.update(evaluator.inner.heldout(genes, missing))
-        write_json_atomic(path, known)
-    return {name: known[name] for name in texts}
+class HeldOut:
+    """Held-out figures of a genome, measured once per genome, text and repair and kept on disk."""
+
+    def __init__(self, bench_evaluators: Callable[..., Remembering], args: argparse.Namespace, work: Path):
+        self.evaluators, self.args, self.work = bench_evaluators, args, work
+        first = bench_evaluators(args.fitness, args.repair).inner
+        tokenizer = first.tokenizer
+        self.test = {name: text_blocks(name, tokenizer, 1024, args.heldout_tokens, args.data_dir) for name in REPORT_TEXTS}
+        self.dev = {name: text_blocks(name, tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}
+        self.references = {name: final_hidden(first.model, blocks, first.batch_size) for name, blocks in self.test.items()}
+        self.prompt = self.test[REPORT_TEXTS[0]][:1]
+
+    def measure(self, genes: Sequence[object], repair: str) -> dict[str, Any]:
+        path = self.work / "heldout" / f"{to_string(genes)}-{repair}.json"
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if not all(name in known for name in (*self.test, *self.dev, "speed")):
+            evaluator = self.evaluators(self.args.fitness, repair).inner
+            for name, value in evaluator.heldout(genes, self.test, self.references).items():
+                known.update({name: value["perplexity"], f"{name} kl": value["kl"], f"{name} top1": value["top1"]})
+            known.update(evaluator.heldout(genes, self.dev))
+            known["speed"] = speed(evaluator, genes, self.prompt)
+            write_json_atomic(path, known)
+        return {key: value for key, value in known.items() if key != "speed"} | known["speed"]
 
 
-def run_method(bench: Bench, method: str, texts: dict[str, Any], work: Path) -> dict[str, Any]:
+def speed(evaluator: ModelEvaluator, genes: Sequence[object], prompt: torch.Tensor) -> dict[str, float]:
+    """Prefill and decode speed of the genome's layers against the dense model's: the very modules
+    an export holds, run in place; a warm-up each, then dense and cut alternated, medians."""
+    stack = evaluator.stack(genes)
+    model, ids = evaluator.model, prompt[:, :PREFILL_TOKENS]
+
+    def run(name: str, phase) -> float:
+        if name == "dense":
+            return timed(phase, model, ids)[0]
+        with layer_view(model, stack.modules, stack.layer_types):
+            return timed(phase, model, ids)[0]
+
+    for name in ("dense", "cut"):
+        run(name, prefill)
+    times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in ("dense", "cut")}
+    for _ in range(SPEED_ROUNDS):
+        for name in times:
+            for phase, call in (("prefill", prefill), ("decode", decode)):
+                times[name][phase].append(run(name, call))
+    median = {name: {phase: statistics.median(values) for phase, values in phases.items()} for name, phases in times.items()}
+    return {"prefill speedup": median["dense"]["prefill"] / median["cut"]["prefill"],
+            "decode speedup": median["dense"]["decode"] / median["cut"]["decode"]}
+
+
+def run_method(bench: Bench, method: str, heldout: HeldOut, work: Path) -> dict[str, Any]:
     seed = bench.seed if method in SEARCHES else None
-    path = work / f"r{bench.removed}-{method}" / (f"s{seed}.json" if seed is not None else "one-shot.json")
+    path = work / f"p{bench.share:.4f}-{method}" / (f"s{seed}.json" if seed is not None else "one-shot.json")
     if path.is_file():
         result = json.loads(path.read_text())
-        if all(name in result for name in texts):
-            return result
-        result.update(heldout(bench.evaluator, result["genes"], texts, work))  # a text added since
+    else:
+        started = time.perf_counter()
+        result = METHODS[method](bench)
+        result["search_seconds"] = time.perf_counter() - started
+        result.update({"method": method, "share": bench.share, "seed": seed, "chromosome": to_string(result["genes"]),
+                       "removed": round(bench.share * LAYERS, 4)})
         write_json_atomic(path, result)
-        return result
-    started = time.perf_counter()
-    result = METHODS[method](bench)
-    result["search_seconds"] = time.perf_counter() - started
-    result.update(heldout(bench.evaluator, result["genes"], texts, work))
-    result.update({"method": method, "removed": bench.removed, "seed": seed, "chromosome": to_string(result["genes"])})
+    genes = from_string(result["chromosome"])
+    shape = bench.problem("joint").space.shape
+    result["removed share"] = shape.removed(genes) / shape.dense
+    result.update(heldout.measure(genes, result.get("repair", bench.args.repair)))
     write_json_atomic(path, result)
-    print(f"r{bench.removed} {method:20s} seed {seed} {result['chromosome']} fitness {result['fitness']:.3f} "
-          f"evals {result['evaluations']:.1f} " + " ".join(f"{k} {result[k]:.2f}" for k in texts), flush=True)
+    print(f"{bench.share:.4f} {method:20s} seed {seed} {result['chromosome']} fitness {result['fitness']:.3f} "
+          f"evals {result['evaluations']:.1f} " + " ".join(f"{k} {result[k]:.2f}" for k in (*REPORT_TEXTS, *DEV_TEXTS)),
+          flush=True)
     return result
 
 
 def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:
     """Write the per-run files of an earlier results file into `work` (runs already there win);
-    refused unless its fitness was measured as this benchmark's is."""
+    refused unless its fitness was measured as this benchmark's is. Rows of the earlier version
+    counted budgets in layers (`removed`): their share is that many of the 30."""
     earlier = json.loads((RESULTS / f"{stem}.json").read_text())
-    theirs = EvaluatorConfig.from_dict(earlier["evaluator"]).to_dict()  # settings added since: their defaults
-    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE and theirs[k] != v)
+    theirs = EvaluatorConfig.from_dict(saved_evaluator(earlier["evaluator"])).to_dict()
+    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE | {"ranking", "ranking_tokens", "refit"}
+                     and theirs[k] != v)
     if changed:
         raise SystemExit(f"--reuse {stem}: its fitness was measured with other settings ({', '.join(changed)})")
     added = 0
     for row in earlier["rows"]:
-        path = work / f"r{row['removed']}-{row['method']}" / (
-            "one-shot.json" if row["seed"] is None else f"s{row['seed']}.json")
+        share = row.get("share", row["removed"] / LAYERS)
+        path = work / f"p{share:.4f}-{row['method']}" / ("one-shot.json" if row["seed"] is None else f"s{row['seed']}.json")
         if not path.is_file():
-            write_json_atomic(path, row)
+            write_json_atomic(path, {**row, "share": share})
             added += 1
     return added
 
 
-def summarize(rows: list[dict[str, Any]], texts: Sequence[str]) -> list[dict[str, Any]]:
+def summarize(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
     """Per budget and method: mean, standard deviation, min and max over seeds."""
     out = []
-    for removed in sorted({r["removed"] for r in rows}):
+    for share in sorted({r["share"] for r in rows}):
         for method in METHODS:
-            runs = [r for r in rows if r["removed"] == removed and r["method"] == method]
+            runs = [r for r in rows if r["share"] == share and r["method"] == method]
             if not runs:
                 continue
-            entry: dict[str, Any] = {"removed": removed, "method": method, "runs": len(runs),
+            entry: dict[str, Any] = {"share": share, "method": method, "runs": len(runs),
                                      "evaluations": max(r["evaluations"] for r in runs)}
-            for key in ("fitness", *texts):
-                values = [r[key] for r in runs]
-                entry[key] = statistics.mean(values)
-                entry[f"{key} sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-                entry[f"{key} range"] = f"{min(values):.2f}-{max(values):.2f}"
+            for key in columns:
+                values = [r[key] for r in runs if r.get(key) is not None]
+                if values:
+                    entry[key] = statistics.mean(values)
+                    entry[f"{key} sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
             out.append(entry)
     return out
 
@@ -223,18 +351,18 @@ def plot(summary: list[dict[str, Any]], texts: Sequence[str], path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["removed"] for r in summary})
-    figure, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
-    for axis, removed in zip(axes[0], budgets):
-        subset = [r for r in summary if r["removed"] == removed]
+    shares = sorted({r["share"] for r in summary})
+    figure, axes = plt.subplots(1, len(shares), figsize=(7 * len(shares), 4.5), squeeze=False)
+    for axis, share in zip(axes[0], shares):
+        subset = [r for r in summary if r["share"] == share and all(t in r for t in texts)]
         xs = range(len(subset))
         width = 0.8 / len(texts)
         for i, text in enumerate(texts):
             axis.bar([x + (i - (len(texts) - 1) / 2) * width for x in xs], [r[text] for r in subset], width,
                      yerr=[r[f"{text} sd"] for r in subset], capsize=3, label=text)
         axis.set_xticks(list(xs), [r["method"] for r in subset], rotation=35, ha="right", fontsize=8)
-        axis.set_title(f"{removed} of 30 layers removed (repaired, mean and sd over seeds)")
-        axis.set_ylabel("held-out perplexity")
+        axis.set_title(f"{share:.1%} of decoder parameters removed (repaired; mean and sd over seeds)")
+        axis.set_ylabel("test perplexity")
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -245,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--budgets", default="8,12", help="layers removed, comma-separated")
+    parser.add_argument("--budgets", default="0.26667,0.4", help="shares of the decoder parameters, comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the search methods")
     parser.add_argument("--evals", type=int, default=80, help="fitness evaluations per method")
@@ -254,45 +382,57 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repair", default=EvaluatorConfig.repair, choices=REPAIRS)
     parser.add_argument("--repair-inputs", default=EvaluatorConfig.repair_inputs, choices=REPAIR_INPUTS)
     parser.add_argument("--repair-tokens", type=int, default=EvaluatorConfig.repair_tokens)
-    parser.add_argument("--fitness", default=EvaluatorConfig.fitness, choices=FITNESS_KINDS)
+    parser.add_argument("--fitness", default=EvaluatorConfig.fitness, choices=FITNESS_KINDS,
+                        help="fitness of the methods with widths")
+    parser.add_argument("--depth-fitness", default="ppl", choices=FITNESS_KINDS,
+                        help="fitness of the depth methods (their default, as the earlier comparison measured them)")
     parser.add_argument("--reuse", metavar="STEM", default=None,
                         help="take the runs of experiments/results/STEM.json into --work first")
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="tokens of each test text")
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--work", default="runs/search_quality-repaired", help="per-run results and GA run folders")
-    parser.add_argument("--output", default="search_quality-repaired", help="stem of the files under experiments/results")
+    parser.add_argument("--work", default="runs/search_quality-joint", help="per-run results and GA run folders")
+    parser.add_argument("--output", default="search_quality-joint", help="stem of the files under experiments/results")
     parser.add_argument("--collect", action="store_true", help="only gather the finished runs under --work into the results")
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         parser.error(f"unknown method(s): {', '.join(sorted(unknown))}")
 
-    config = EvaluatorConfig(model=args.model, data_dir=args.data_dir, threads=args.threads, repair=args.repair,
-                             repair_inputs=args.repair_inputs, repair_tokens=args.repair_tokens,
-                             fitness=args.fitness)
+    base = EvaluatorConfig(model=args.model, data_dir=args.data_dir, threads=args.threads, repair=args.repair,
+                           repair_inputs=args.repair_inputs, repair_tokens=args.repair_tokens, fitness=args.fitness,
+                           align_cache=str(Path(args.work) / "store"))
     work = Path(args.work)
     if args.reuse:
-        print(f"took {reuse_runs(args.reuse, work, config)} runs from {args.reuse}", flush=True)
+        print(f"took {reuse_runs(args.reuse, work, replace(base, fitness=args.depth_fitness))} runs from {args.reuse}",
+              flush=True)
     if not args.collect:
-        evaluator = Remembering(ModelEvaluator(config))
-        tokenizer = evaluator.inner.tokenizer
-        texts = {**{name: text_blocks(name, tokenizer, 1024, args.heldout_tokens, args.data_dir) for name in REPORT_TEXTS},
-                 **{name: text_blocks(name, tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}}
-        for removed in (int(b) for b in args.budgets.split(",")):
+        cache: dict[tuple[str, str], Remembering] = {}
+
+        def evaluators(fitness: str, repair: str) -> Remembering:
+            """One evaluator per (fitness, repair), all on the one model in memory."""
+            if (fitness, repair) not in cache:
+                loaded = next(iter(cache.values())).inner if cache else None
+                config = replace(base, fitness=fitness, repair=repair)
+                cache[(fitness, repair)] = Remembering(ModelEvaluator(config, loaded and (loaded.model, loaded.tokenizer)))
+            return cache[(fitness, repair)]
+
+        heldout = HeldOut(evaluators, args, work)
+        for share in (float(b) for b in args.budgets.split(",")):
             for method in args.methods.split(","):
                 seeds = [int(s) for s in args.seeds.split(",")] if method in SEARCHES else [0]
                 for seed in seeds:
-                    run_method(Bench(args, removed, evaluator, seed), method, texts, work)
-    rows = [json.loads(path.read_text()) for path in sorted(work.glob("r*-*/*.json"))]
-    rows.sort(key=lambda r: (r["removed"], list(METHODS).index(r["method"]), r["seed"] or 0))
-    held_out = REPORT_TEXTS + DEV_TEXTS
-    summary = summarize(rows, held_out)
-    columns = ["removed", "method", "runs", "evaluations", "fitness", *[c for t in held_out for c in
-                                                                        (t, f"{t} sd", f"{t} range")]]
+                    run_method(Bench(args, share, evaluators, seed), method, heldout, work)
+    rows = [json.loads(path.read_text()) for path in sorted(work.glob("p*-*/*.json"))]
+    rows = [r for r in rows if r["method"] in METHODS]
+    rows.sort(key=lambda r: (r["share"], list(METHODS).index(r["method"]), r["seed"] or 0))
+    figures = ["fitness", "removed share", *REPORT_TEXTS, *DEV_TEXTS, *(f"{t} {m}" for t in REPORT_TEXTS for m in ("kl", "top1")),
+               "prefill speedup", "decode speedup"]
+    summary = summarize(rows, figures)
+    columns = ["share", "method", "runs", "evaluations", *[c for f in figures for c in (f, f"{f} sd")]]
     settings = {k: v for k, v in vars(args).items() if k != "collect"}
-    save_results(args.output, {"settings": settings, "evaluator": config.to_dict(), "rows": rows,
-                               "summary": summary}, summary, columns)
+    save_results(args.output, {"settings": settings, "evaluator": base.to_dict(), "rows": rows, "summary": summary},
+                 summary, columns)
     plot(summary, REPORT_TEXTS, RESULTS / f"{args.output}.png")
 
 

@@ -89,8 +89,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
         report["config"]["plan"] == "tail" else "merged model, adapter/, chromosome.json, report.json, tb/"
     lines.append(f"wrote {out}: {contents}")
     if report["loads_with"] == "gaprune":
-        lines.append("  its layers differ in width, which a Hugging Face config cannot say: load it with "
-                     "evaluators.width.load_width_pruned (safetensors, no remote code)")
+        lines.append("  its layers differ, which its config says in per_layer_config: load it with "
+                     "evaluators.export.load_pruned (transformers does not build such layers yet)")
     return "\n".join(lines)
 
 

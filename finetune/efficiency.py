@@ -28,17 +28,19 @@ def folder_bytes(folder: Path) -> int:
 
 
 @torch.no_grad()
-def _prefill(model: PreTrainedModel, ids: torch.Tensor) -> None:
+def prefill(model: PreTrainedModel, ids: torch.Tensor) -> None:
+    """One forward over the prompt, as a server's prefill (no KV cache kept)."""
     model(input_ids=ids, use_cache=False)
 
 
 @torch.no_grad()
-def _decode(model: PreTrainedModel, ids: torch.Tensor) -> None:
+def decode(model: PreTrainedModel, ids: torch.Tensor) -> None:
+    """DECODE_TOKENS greedy tokens after a DECODE_PROMPT-token prompt, with the KV cache."""
     model.generate(ids[:, :DECODE_PROMPT], max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS,
                    do_sample=False, pad_token_id=model.config.eos_token_id)
 
 
-def _timed(run: Callable[[PreTrainedModel, torch.Tensor], None], model: PreTrainedModel, ids: torch.Tensor) -> tuple[float, int | None]:
+def timed(run: Callable[[PreTrainedModel, torch.Tensor], None], model: PreTrainedModel, ids: torch.Tensor) -> tuple[float, int | None]:
     """Seconds of one call, and the peak GPU memory it reached (None on a CPU)."""
     device = ids.device
     if device.type == "cuda":
@@ -62,13 +64,13 @@ def compare(dense: PreTrainedModel, compact: PreTrainedModel, ids: torch.Tensor)
     ids = ids[:, :PREFILL_TOKENS].to(next(compact.parameters()).device)
     models = {"dense": dense, "compact": compact}
     for model in models.values():  # warm-up: first calls allocate and pick kernels
-        _prefill(model, ids[:, :DECODE_PROMPT])
+        prefill(model, ids[:, :DECODE_PROMPT])
     times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in models}
     peaks: dict[str, int | None] = {name: None for name in models}
     for _ in range(REPEATS):
         for name, model in models.items():
-            for phase, run in (("prefill", _prefill), ("decode", _decode)):
-                seconds, peak = _timed(run, model, ids)
+            for phase, run in (("prefill", prefill), ("decode", decode)):
+                seconds, peak = timed(run, model, ids)
                 times[name][phase].append(seconds)
                 if peak is not None:
                     peaks[name] = max(peaks[name] or 0, peak)

@@ -23,7 +23,7 @@ from chromosomes import ChromosomeRecord, to_string, write_json_atomic
 from evaluators.cli import say
 from evaluators.models import load_model, model_folder, resolve_device, resolve_dtype
 from evaluators.text import load_text, text_blocks
-from evaluators.width import save_pruned
+from evaluators.export import save_compact
 from finetune.checkpoint import TrainState, read_state
 from finetune.config import HealConfig
 from finetune.model import (
@@ -203,14 +203,14 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
 
     # -- export: model, measurements, report --------------------------------------------------
     say("saving the model", progress)
-    loads_with = save_pruned(final, p.record.units, p.folder.staging)
+    loads_with = save_compact(final, p.folder.staging)
     p.tokenizer.save_pretrained(p.folder.staging)
     board.close()
     efficiency = measure_efficiency(p, final, progress) if config.efficiency else None
     zero_shot_scores = None if state.zero_shot_before is None else {"before": state.zero_shot_before,
                                                                      "after": zero_shot_after}
     report = build_report(p, state, after, counts, efficiency, zero_shot_scores, time.perf_counter() - started)
-    report["loads_with"] = loads_with  # transformers (from_pretrained), or gaprune (evaluators.width.load_width_pruned)
+    report["loads_with"] = loads_with  # transformers (from_pretrained), or gaprune (evaluators.export.load_pruned)
     p.record.save(p.folder.staging / "chromosome.json")
     write_json_atomic(p.folder.staging / "report.json", report)
     p.folder.publish(p.replace)

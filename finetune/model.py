@@ -1,7 +1,7 @@
 """The compact model a chromosome describes, and what heals it: a peft adapter, or (plan tail)
 the model's own last layers and head.
 
-The compact model is cut by the evaluators' own surgery, with the merge and seam-repair
+The compact model is cut by the evaluators' own `Builder`, with the merge, width and repair
 settings the search used, so the model trained here is the very model the GA scored.
 Everything that can be checked without weights (file format, depth, window lengths, merge
 settings) is checked first, so that a bad input fails in a second, not after a model load.
@@ -19,11 +19,10 @@ from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_mod
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chromosomes import ChromosomeError, ChromosomeRecord, Gene
+from evaluators.build import Builder, calibration_split
 from evaluators.families import family_of
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.models import decoder_layers, load_model, model_folder
-from evaluators.surgery import compact_model
-from evaluators.width import prune_width
+from evaluators.fitness import EvaluatorConfig, saved_evaluator
+from evaluators.models import decoder_layers, load_model, model_folder, skeleton
 from finetune.config import HealConfig
 
 
@@ -58,15 +57,13 @@ def check_plan_targets(config: HealConfig, spec: str) -> None:
     the model is built on the meta device to read its layer family and module names."""
     if not config.lora_roles:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_folder(spec)))
-    targets = lora_targets(skeleton, config)
-    names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+    model = skeleton(spec)
+    targets = lora_targets(model, config)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [target for target in targets if target not in names]
     if missing:
         raise ValueError(f"plan {config.plan} puts LoRA on {', '.join(targets)}, but "
-                         f"{type(skeleton).__name__} has no {', '.join(missing)} (a mixture of experts?); "
+                         f"{type(model).__name__} has no {', '.join(missing)} (a mixture of experts?); "
                          "use --plan norm or --plan tail")
 
 
@@ -82,30 +79,29 @@ def surgery_settings(record: ChromosomeRecord, spec: str, config: HealConfig) ->
     saved = record.extra.get("evaluator")
     if saved is not None and not isinstance(saved, dict):
         raise ChromosomeError("the chromosome file's extra.evaluator must be an object of evaluator settings")
-    searched = EvaluatorConfig.from_dict(saved) if saved else EvaluatorConfig(model=record.model)
+    searched = EvaluatorConfig.from_dict(saved_evaluator(saved)) if saved else EvaluatorConfig(model=record.model)
     store = searched.align_cache if searched.align_cache and Path(searched.align_cache).is_dir() else None
     return replace(searched, model=spec, dtype=config.dtype, device=config.device, threads=0,
                    data_dir=config.data_dir, repair=config.repair or searched.repair, align_cache=store)
 
 
 def needs_calibration_text(record: ChromosomeRecord, settings: EvaluatorConfig) -> bool:
-    """Merging (alignment statistics) and seam repair (least-squares statistics) read the calibration text."""
-    return Gene.MERGE in record.genes or settings.repair != "none"
+    """Merging (alignment statistics), repairs (least-squares statistics) and a width genome without
+    its units (the ranking) read the calibration text."""
+    return Gene.MERGE in record.genes or settings.repair != "none" or \
+        record.units is None and any(isinstance(gene, tuple) for gene in record.genes)
 
 
 def build_compact(
     record: ChromosomeRecord, spec: str, config: HealConfig
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base model and cut it to the chromosome, fusing and repairing as the search did,
-    then to the record's width plan if it has one."""
+    """Load the base model and cut it to the chromosome (merged, narrowed to its units and
+    repaired as the search did)."""
     settings = surgery_settings(record, spec, config)
-    if needs_calibration_text(record, settings):
-        evaluator = ModelEvaluator(settings)
-        model, tokenizer = evaluator.compact(record.genes), evaluator.tokenizer
-    else:
-        model, tokenizer = load_model(spec, config.dtype, config.device)
-        compact_model(model, record.genes)
-    return (model if record.units is None else prune_width(model, record.units)), tokenizer
+    model, tokenizer = load_model(spec, config.dtype, config.device)
+    tune = calibration_split(settings, tokenizer, model).tune if needs_calibration_text(record, settings) else None
+    builder = Builder(model, tune, settings, settings.batch_size)
+    return builder.compact(record.genes, record.units), tokenizer
 
 
 def norm_module_names(model: PreTrainedModel, include_qk: bool) -> list[str]:

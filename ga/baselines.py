@@ -4,13 +4,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from chromosomes import random_chromosome, repair, to_string
+from chromosomes import LayerGene, random_chromosome, repair, to_string
+from chromosomes.space import level_switch
 from evaluators.fitness import Evaluator, Fitness
+from ga.problem import Problem
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    genes: list[int]
+    genes: list[LayerGene]
     fitness: Fitness
     evaluations: float  # distinct chromosomes scored (full-fidelity equivalents)
 
@@ -36,7 +38,7 @@ def random_search(evaluator: Evaluator, removed: int, evaluations: int, seed: in
 
 
 def _swap_mutation(parent: list[int], rng: random.Random, merge: bool) -> list[int]:
-    """EvoPress's level switch: 1 to 3 times, a removed layer comes back and a kept one goes."""
+    """EvoPress's level switch over whole layers: 1 to 3 times, a removed layer comes back and a kept one goes."""
     child = list(parent)
     for _ in range(rng.randint(1, 3)):
         dropped = [i for i, g in enumerate(child) if g != 1]
@@ -46,26 +48,38 @@ def _swap_mutation(parent: list[int], rng: random.Random, merge: bool) -> list[i
     return repair(child, sum(g != 1 for g in parent), rng, merge)
 
 
-def evopress_search(evaluator: Evaluator, removed: int, evaluations: float, seed: int, full_tokens: int,
-                    offspring: int = 16, survivors: int = 2, screen_tokens: int | None = None,
-                    merge: bool = False, start: list[int] | None = None) -> SearchResult:
-    """EvoPress-style (1 + lambda) search with staged selection.
+def level_switches(parent: list[LayerGene], problem: Problem, rng: random.Random) -> list[LayerGene]:
+    """EvoPress's level switch on a space with widths: 1 to 3 times a sub-layer gains a level and
+    another loses one, then the budget is restored."""
+    child = list(parent)
+    for _ in range(rng.randint(1, 3)):
+        child = level_switch(child, problem.space, rng)
+    return problem.project(child, rng)
 
-    Each generation mutates the parent into `offspring` children, scores all of them on
-    `screen_tokens` tokens, re-scores the best `survivors` on all `full_tokens`, and the best of
-    those replaces the parent if it beats it. The budget is counted in full-evaluation
+
+def evopress_search(evaluator: Evaluator, problem: Problem, evaluations: float, seed: int, full_tokens: int,
+                    offspring: int = 16, survivors: int = 2, screen_tokens: int | None = None,
+                    start: list[LayerGene] | None = None) -> SearchResult:
+    """EvoPress-style (1 + lambda) search with staged selection, on the problem's space.
+
+    Each generation mutates the parent into `offspring` children (level switches), scores all of
+    them on `screen_tokens` tokens, re-scores the best `survivors` on all `full_tokens`, and the
+    best of those replaces the parent if it beats it. The budget is counted in full-evaluation
     equivalents (a screening costs screen_tokens / full_tokens of one). The first parent is
-    `start`, or a random chromosome.
+    `start`, or a random genome of the problem.
     """
     rng = random.Random(seed)
     screen_tokens = screen_tokens or max(1, full_tokens // 8)
     screen_cost = screen_tokens / full_tokens
     full: dict[str, Fitness] = {}
-    parent = list(start) if start is not None else random_chromosome(evaluator.num_layers, removed, rng, merge)
+    parent = list(start) if start is not None else problem.individual(rng)
     full[to_string(parent)], = evaluator.evaluate([parent])
     spent = 1.0
     while spent + offspring * screen_cost + survivors <= evaluations:
-        children = [_swap_mutation(parent, rng, merge) for _ in range(offspring)]
+        if problem.layers is not None:
+            children = [_swap_mutation(parent, rng, problem.space.merge) for _ in range(offspring)]
+        else:
+            children = [level_switches(parent, problem, rng) for _ in range(offspring)]
         screened = evaluator.evaluate(children, tokens=screen_tokens)
         spent += offspring * screen_cost
         ranked = sorted(zip(children, screened), key=lambda pair: pair[1].value)[:survivors]

@@ -19,12 +19,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from deap import algorithms, base, tools
 
-from chromosomes import ChromosomeRecord, from_string, random_chromosome, to_string
+from chromosomes import ChromosomeRecord, LayerGene, Shape, blocks, from_string, to_string
+from chromosomes.width import Ranking, counts_left, select_global
 from evaluators.fitness import Evaluator, Fitness
 from ga.board import Board
 from ga.checkpoint import RunError, RunFolder, restore_rng, rng_state_to_json
 from ga.config import SearchConfig, saved_search
-from ga.operators import crossover, gene_frequencies, mean_pairwise_hamming, mutate
+from ga.operators import gene_frequencies, mean_pairwise_hamming
+from ga.problem import Problem
 from ga.seeding import drop_weights, single_skips, skip_lowest
 
 
@@ -57,15 +59,14 @@ def drawing_from(rng: random.Random) -> Iterator[None]:
         random.setstate(outside)
 
 
-def build_toolbox(search: SearchConfig, num_layers: int, removed: int,
-                  weights: list[float] | None = None) -> base.Toolbox:
+def build_toolbox(search: SearchConfig, problem: Problem, weights: list[float] | None = None) -> base.Toolbox:
     toolbox = base.Toolbox()
     # Operators get the global `random` module as their generator: inside drawing_from it is
     # the run's generator, shared with DEAP's own operators in one reproducible stream.
-    toolbox.register("individual", lambda: Individual(random_chromosome(num_layers, removed, random, search.merge)))
-    toolbox.register("mate", crossover, removed=removed, merge=search.merge, rng=random)
-    toolbox.register("mutate", mutate, removed=removed, merge=search.merge, flip_prob=search.flip_prob, rng=random,
-                     drop_weights=weights, seam_prob=search.seam_prob)
+    toolbox.register("individual", lambda: Individual(problem.individual(random)))
+    toolbox.register("mate", problem.mate, rng=random)
+    toolbox.register("mutate", problem.mutate, rng=random, flip_prob=search.flip_prob, drop_weights=weights,
+                     seam_prob=search.seam_prob)
     toolbox.register("select", tools.selTournament, tournsize=search.tournament)
     return toolbox
 
@@ -91,7 +92,7 @@ class SearchState:
     evaluations: int = 0
     screenings: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # per generation: best, gene shares, population
-    seed: str | None = None  # the one-shot chromosome the search started from (None: random start)
+    seeds: list[str] = field(default_factory=list)  # the one-shot genomes the search started from (none: random start)
 
     def best(self) -> tuple[list[int], Fitness]:
         genes = list(self.hall_of_fame[0])
@@ -111,7 +112,7 @@ class SearchState:
             "evaluations": self.evaluations,
             "screenings": self.screenings,
             "history": self.history,
-            "seed": self.seed,
+            "seeds": self.seeds,
         }
 
     @classmethod
@@ -132,7 +133,7 @@ class SearchState:
             cache={key: Fitness.from_dict(value) for key, value in data["cache"].items()},
             screen_cache={key: Fitness.from_dict(value) for key, value in data["screen_cache"].items()},
             evaluations=data["evaluations"], screenings=data["screenings"], history=data["history"],
-            seed=data.get("seed"),
+            seeds=data.get("seeds", [data["seed"]] if data.get("seed") else []),  # one "seed" before mix existed
         )
 
 
@@ -176,48 +177,71 @@ def single_skip_keys(num_layers: int) -> list[str]:
     return [to_string(genes) for genes in single_skips(num_layers)]
 
 
-def one_shot_seed(search: SearchConfig, evaluator: Evaluator, state: SearchState, removed: int,
-                  progress: bool = False) -> list[int] | None:
-    """The chromosome a one-shot heuristic picks; what it costs counts against --max-evals."""
-    if search.init == "importance":
+def one_shot_seeds(search: SearchConfig, evaluator: Evaluator, state: SearchState, problem: Problem,
+                   progress: bool = False) -> list[list[LayerGene]]:
+    """The genomes one-shot heuristics pick (none for a random start); what they cost in
+    fitness evaluations counts against --max-evals."""
+    seeds = []
+    if search.init in ("width", "mix"):
+        seeds.append(width_seed(evaluator, problem, state.rng))
+    if search.init in ("importance", "mix"):
         from tqdm.auto import tqdm
         skips = single_skip_keys(evaluator.num_layers)
         chunk = SEEDING_CHUNK * getattr(evaluator, "parallelism", 1)
         for start in tqdm(range(0, len(skips), chunk), desc="seeding: each layer removed alone", unit="chunk",
                           disable=not progress, leave=False):
             score_chromosomes(skips[start:start + chunk], evaluator, state)
-        return skip_lowest([state.cache[k].value for k in skips], removed)
+        seeds.append(fewest_layers(problem, [state.cache[k].value for k in skips], state.rng))
     if search.init == "influence":
         state.evaluations += 1  # one dense forward over the scoring text
-        return skip_lowest(evaluator.block_influence(), removed)
-    return None
+        seeds.append(fewest_layers(problem, evaluator.block_influence(), state.rng))
+    return seeds
 
 
-def mutation_weights(state: SearchState, num_layers: int, removed: int) -> list[float] | None:
-    """Guide mutation by what each layer's single removal cost, once those are in the fitness
-    cache (importance seeding puts them there); None leaves mutation uniform."""
-    keys = single_skip_keys(num_layers)
-    if not all(key in state.cache for key in keys):
+def fewest_layers(problem: Problem, scores: list[float], rng: random.Random) -> list[LayerGene]:
+    """Skip the layers of lowest score: as many as the layer budget says, or (with widths) the
+    fewest that meet the parameter budget, then brought into its window."""
+    if problem.layers is not None:
+        return skip_lowest(scores, problem.layers)
+    shape = problem.space.shape
+    count = next(k for k in range(1, shape.num_layers + 1) if k * shape.whole_layer >= problem.budget.remove)
+    return problem.project(skip_lowest(scores, count), rng)
+
+
+def width_seed(evaluator: Evaluator, problem: Problem, rng: random.Random) -> list[LayerGene]:
+    """The one-shot global width plan (the units of least importance per parameter go, wherever
+    they are), rounded to the space's levels and brought into the budget's window."""
+    shape = problem.space.shape
+    units = evaluator.units()
+    removed = select_global(units, problem.budget.remove)
+    return problem.project([shape.gene(*counts) for counts in counts_left(units, removed, shape.num_layers)], rng)
+
+
+def mutation_weights(state: SearchState, problem: Problem) -> list[float] | None:
+    """Guide depth mutation by what each layer's single removal cost, once those are in the
+    fitness cache (importance seeding puts them there); None leaves mutation uniform."""
+    keys = single_skip_keys(problem.space.shape.num_layers)
+    if problem.layers is None or not all(key in state.cache for key in keys):
         return None
-    return drop_weights([state.cache[key].nll for key in keys], removed)
+    return drop_weights([state.cache[key].nll for key in keys], problem.layers)
 
 
 def initial_candidates(toolbox: base.Toolbox, search: SearchConfig, state: SearchState,
-                       seed: list[int] | None) -> list[Individual]:
-    """Generation 0's candidates: random feasible chromosomes, or variants of the one-shot
-    chromosome 1 to 3 mutations away.
+                       seeds: list[list[LayerGene]]) -> list[Individual]:
+    """Generation 0's candidates: random feasible genomes, or variants of the one-shot genomes
+    (in turn) 1 to 3 mutations away; none with --gens 0, which scores the seeds alone.
 
     Variants of a seed are never mixed with random members: at a real budget (a quarter of the
-    layers and more) a random chromosome is orders of magnitude worse than the seed's
-    neighbours, so it would only spend evaluations.
+    layers and more) a random genome is orders of magnitude worse than the seed's neighbours, so
+    it would only spend evaluations.
     """
-    count = candidates_per_generation(search)
+    count = candidates_per_generation(search) if search.gens else 0
     with drawing_from(state.rng):
-        if seed is None:
+        if not seeds:
             return [toolbox.individual() for _ in range(count)]
         variants = []
-        for _ in range(count):
-            variant = Individual(seed)
+        for index in range(count):
+            variant = Individual(seeds[index % len(seeds)])
             for _ in range(random.randint(1, 3)):
                 toolbox.mutate(variant)
             variants.append(variant)
@@ -273,37 +297,48 @@ def survivors(individuals: list[Individual], count: int) -> list[Individual]:
     return tools.selBest(list(distinct.values()), count)
 
 
-def record_generation(state: SearchState, evals: int, hits: int, stats: tools.Statistics) -> dict[str, Any]:
+def record_generation(state: SearchState, evals: int, hits: int, stats: tools.Statistics, shape: Shape) -> dict[str, Any]:
     state.hall_of_fame.update(state.population)
     record = {"gen": state.generation, "evals": evals, "hits": hits, "total_evals": state.evaluations,
               "screenings": state.screenings,
               **{key: float(value) for key, value in stats.compile(state.population).items()},
               "diversity": mean_pairwise_hamming(state.population)}
     state.logbook.record(**record)
-    state.history.append({"best": to_string(state.hall_of_fame[0]), "frequencies": gene_frequencies(state.population),
+    state.history.append({"best": to_string(state.hall_of_fame[0]), "frequencies": gene_frequencies(state.population, shape),
                           "population": [to_string(ind) for ind in state.population]})
     return record
 
 
-def best_record(state: SearchState, definition: dict[str, Any], provenance: dict[str, Any]) -> ChromosomeRecord:
+def best_record(state: SearchState, definition: dict[str, Any], provenance: dict[str, Any],
+                ranking: Ranking | None = None) -> ChromosomeRecord:
+    """best.json: the best genome, how it was measured, and (with widths) the units each of its
+    layers keeps, so that the file alone rebuilds the model."""
     genes, fitness = state.best()
     measured = {"perplexity": fitness.perplexity, "nll": fitness.nll, "kl": fitness.kl, "objective": fitness.objective,
                 "tokens": fitness.tokens, "seq_len": definition["seq_len"], "data": definition["data"],
                 "calibration": definition.get("calibration"), "merge": definition.get("merge"),
                 "repair": definition.get("repair")}
     extra = {**provenance, "generation": state.generation, "evaluations": state.evaluations}
-    return ChromosomeRecord(tuple(genes), definition["model"], definition["num_layers"], measured, extra)
+    plan = blocks(genes)
+    units = None if ranking is None or all(block.whole for block in plan) else tuple(
+        ranking.kept(block.anchor, block.kv_heads, block.channels) for block in plan)
+    return ChromosomeRecord(tuple(genes), definition["model"], definition["num_layers"], measured, extra, units)
 
 
-def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], search: SearchConfig, removed: int) -> None:
-    """Refuse to continue a run whose fitness meant something else, or whose search differs."""
+def check_resumable(checkpoint: dict[str, Any], definition: dict[str, Any], search: SearchConfig,
+                    problem: Problem) -> None:
+    """Refuse to continue a run whose fitness meant something else, or whose search differs.
+    What a width genome means (`widths`) does not matter to a search of whole layers, and runs
+    saved before widths existed have no record of it."""
     saved = checkpoint["definition"]
-    changed = sorted(key for key in set(saved) | set(definition) if saved.get(key) != definition.get(key))
+    ignored = {"widths"} if problem.layers is not None else set()
+    changed = sorted(key for key in set(saved) | set(definition) - ignored if saved.get(key) != definition.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {definition.get(key)!r}" for key in changed)
         raise RunError(f"cannot resume: the fitness is measured differently from the run's ({details})")
-    if checkpoint["removed"] != removed:
-        raise RunError(f"cannot resume: the run removes {checkpoint['removed']} layers, this asks for {removed}")
+    if checkpoint["removed"] != problem.record():
+        raise RunError(f"cannot resume: the run {Problem.words(checkpoint['removed'])}, this asks for one that "
+                       f"{Problem.words(problem.record())}")
     extendable = ("gens", "max_evals", "patience")  # a run may be continued further than first planned
     before = {k: v for k, v in saved_search(checkpoint["search"]).items() if k not in extendable}
     now = {k: v for k, v in search.to_dict().items() if k not in extendable}
@@ -348,7 +383,7 @@ def generations_without_progress(state: SearchState) -> int:
 def stop_reason(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> str | None:
     """Why the search stops now, in words for the user; None while it goes on."""
     if state.generation >= search.gens:
-        return f"reached --gens {search.gens}"
+        return f"reached --gens {search.gens}" if search.gens else "scored the one-shot seed alone (--gens 0)"
     if evaluations_left(state, search, definition) == 0:
         return f"spent the evaluation budget (--max-evals {search.max_evals})"
     stalled = generations_without_progress(state)
@@ -387,43 +422,44 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
     """Run (or continue) the search in `folder` up to `search.gens` generations, calling
     `between_generations` after each checkpoint (an interrupt that was lost is raised there)."""
     provenance = provenance or {}
-    removed = search.removed(evaluator.num_layers)
     definition = evaluator.describe()
+    problem = Problem.of(search, definition)
     check_screening(search, definition)
     checkpoint = folder.load_checkpoint()
     if checkpoint is not None:
-        check_resumable(checkpoint, definition, search, removed)
+        check_resumable(checkpoint, definition, search, problem)
         state = SearchState.from_json(checkpoint["state"], search.hof)
     else:
         state = SearchState(0, [], tools.HallOfFame(search.hof), tools.Logbook(), random.Random(search.seed))
     if state.population and finished(state, search, definition):
         raise RunError(f"run in {folder.path} already finished {state.generation} generations "
                        f"({state.evaluations} evaluations); pass a larger --gens or --max-evals to continue it")
+    ranking = Ranking.of(evaluator.units(), evaluator.num_layers) if problem.budget else None
 
     def finish_generation(evals: int, hits: int, seconds: float) -> None:
-        record = record_generation(state, evals, hits, stats)
+        record = record_generation(state, evals, hits, stats, problem.space.shape)
         board.log_generation(record, [ind.fitness.values[0] for ind in state.population], seconds, state.history)
-        folder.save_checkpoint({"definition": definition, "removed": removed, "search": search.to_dict(),
+        folder.save_checkpoint({"definition": definition, "removed": problem.record(), "search": search.to_dict(),
                                 "state": state.to_json()})
-        best_record(state, definition, provenance).save(folder.best_path)
+        best_record(state, definition, provenance, ranking).save(folder.best_path)
         bar.set_postfix(best=f"{record['best']:.3f}", mean=f"{record['mean']:.3f}", evals=state.evaluations)
         bar.update(1)
         between_generations()
 
     from tqdm.auto import tqdm
     started = time.perf_counter()
-    seed = None if state.population else one_shot_seed(search, evaluator, state, removed, progress)
-    weights = mutation_weights(state, evaluator.num_layers, removed)  # after seeding: it may fill the cache
-    toolbox, stats = build_toolbox(search, evaluator.num_layers, removed, weights), build_statistics()
-    board = Board(folder.board_path, first_step=state.generation + 1 if state.population else 0,
+    seeds = [] if state.population else one_shot_seeds(search, evaluator, state, problem, progress)
+    weights = mutation_weights(state, problem)  # after seeding: it may fill the cache
+    toolbox, stats = build_toolbox(search, problem, weights), build_statistics()
+    board = Board(folder.board_path, problem.space.shape, first_step=state.generation + 1 if state.population else 0,
                   objective="kl" if definition.get("fitness") == "kl" else "perplexity")
     bar = tqdm(total=search.gens + 1, initial=state.generation + 1 if state.population else 0,
                desc="generations", unit="gen", disable=not progress)
     try:
         if not state.population:
-            state.seed = None if seed is None else to_string(seed)
-            candidates = initial_candidates(toolbox, search, state, seed)
-            offspring = ([Individual(seed)] if seed is not None else []) + offspring_to_score(
+            state.seeds = [to_string(seed) for seed in seeds]
+            candidates = initial_candidates(toolbox, search, state, seeds)
+            offspring = [Individual(seed) for seed in seeds] + offspring_to_score(
                 candidates, evaluator, state, search, screenings_left(state, search, definition))
             scored, evals, hits = score(offspring, evaluator, state, evaluations_left(state, search, definition))
             state.population = survivors(scored, search.pop)

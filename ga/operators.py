@@ -11,7 +11,7 @@ from typing import MutableSequence, Sequence
 
 from deap import tools
 
-from chromosomes import Gene, repair
+from chromosomes import Gene, LayerGene, Shape, repair
 
 
 def _write(individual: MutableSequence[int], genes: list[int]) -> None:
@@ -103,7 +103,10 @@ def mean_pairwise_hamming(population: list[list[int]]) -> float:
     return total / (n * (n - 1) / 2)
 
 
-def gene_frequencies(population: list[list[int]]) -> list[list[float]]:
-    """[3][layers]: share of the population with SKIP, KEEP, MERGE at each layer."""
+def gene_frequencies(population: list[list[LayerGene]], shape: Shape) -> list[list[float]]:
+    """[3][layers]: per layer, the share of the population that skips it, the mean share of its
+    parameters kept (with depth genes: the share that keeps it), and the share that merges it."""
     n, layers = len(population), len(population[0])
-    return [[sum(ind[i] == gene for ind in population) / n for i in range(layers)] for gene in (0, 1, 2)]
+    return [[sum(ind[i] == Gene.SKIP for ind in population) / n for i in range(layers)],
+            [sum(shape.share(ind[i]) for ind in population) / n for i in range(layers)],
+            [sum(ind[i] == Gene.MERGE for ind in population) / n for i in range(layers)]]

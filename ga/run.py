@@ -1,4 +1,10 @@
-"""`python -m ga.run`: search for the layers to skip, keep and merge under a layer budget.
+"""`python -m ga.run`: search which layers, attention and MLP sub-layers and widths to keep under a budget.
+
+By default (--space joint) every decoder layer gets an attention width (key-value groups) and an
+MLP width, either of which may be zero, under a budget of decoder parameters (--params); every
+cut is repaired in closed form before it is scored. --space layers searches whole layers to
+skip, keep or merge under a budget of layers (--remove or --ratio). With --gens 0 the one-shot
+seed (--init) is scored alone: the one-shot global width plan, say, with --init width.
 
 Writes runs/<name>/ with config.json, checkpoint.json (after every generation), best.json,
 TensorBoard logs in tb/, and at the end summary.json and summary.png. `--resume runs/<name>`
@@ -13,12 +19,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evaluators.cli import add_config_arguments, fail, interrupt_status, say, terminate_like_interrupt
-from evaluators.fitness import DeviceMemoryError, EvaluatorConfig
-from evaluators.models import ModelLoadError
+from evaluators.fitness import DeviceMemoryError, EvaluatorConfig, saved_evaluator
+from evaluators.models import ModelLoadError, skeleton
+from evaluators.units import check_prunable
 from evaluators.workers import WorkerConfig
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig, saved_search
 from ga.engine import check_screening, evolve, stop_reason
+from ga.problem import Problem
 from ga.summary import build_summary, summary_lines, write_summary
 
 # Settings that change how a run is computed but not what it computes: --resume may change them.
@@ -30,7 +38,8 @@ _GIVEN = object()  # marks options the user did not type, so that --resume keeps
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ga.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example: python -m ga.run --ratio 0.25 --fitness kl --patience 10")
+        epilog="Examples: python -m ga.run --params 0.3 --fitness kl | python -m ga.run --space layers --remove 8 | "
+               "python -m ga.run --init width --gens 0 (the one-shot width plan alone)")
     add_config_arguments(parser, SearchConfig, "search")
     add_config_arguments(parser, EvaluatorConfig, "fitness (model, text, calibration)")
     add_config_arguments(parser, WorkerConfig, "workers (Ray actors; none of these changes a fitness)")
@@ -69,11 +78,11 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[RunFolder, dict
     if args.resume:
         folder = RunFolder(args.resume)
         saved = folder.read_config()
-        search = saved_search(saved["search"])
-        refuse_changed_settings(args, given, {**search, **saved["evaluator"]})
+        search, evaluator = saved_search(saved["search"]), saved_evaluator(saved["evaluator"])
+        refuse_changed_settings(args, given, {**search, **evaluator})
         config = {
             "search": _section(SearchConfig, args, search, given),
-            "evaluator": _section(EvaluatorConfig, args, saved["evaluator"], given),
+            "evaluator": _section(EvaluatorConfig, args, evaluator, given),
             "runtime": _section(WorkerConfig, args, WorkerConfig.from_dict(saved.get("runtime", {})).to_dict(), given),
         }
         return folder, with_alignment_store(config, folder)
@@ -107,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers = WorkerConfig.from_dict(config["runtime"])
         if not args.resume:
             folder.refuse_existing()
-    except (RunError, ValueError) as error:  # ChromosomeError and TextError are ValueErrors
+        if search.widths:  # a model that cannot be cut in width is refused before its weights load
+            check_prunable(skeleton(evaluator_config.model))
+    except (RunError, ValueError, ModelLoadError) as error:  # ChromosomeError and TextError are ValueErrors
         fail(str(error))
     from evaluators.pool import PoolError, open_evaluator  # Ray is imported only once the options are sound
 
@@ -117,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with terminate_like_interrupt() as stop_if_interrupted:
             say(f"loading {evaluator_config.model} ({workers.workers} workers)", args.progress)
             with open_evaluator(evaluator_config, workers) as evaluator:
-                search.removed(evaluator.num_layers)  # an impossible budget fails before the folder exists
+                Problem.of(search, evaluator.describe())  # an impossible budget fails before the folder exists
                 check_screening(search, evaluator.describe())
                 if args.resume:
                     folder.write_config(config)

@@ -119,3 +119,80 @@ def test_genome_package_does_not_import_torch():
     import sys
     code = "import sys, chromosomes; assert 'torch' not in sys.modules and 'deap' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- genomes with widths, spaces and parameter budgets ----------------------------------------------
+
+from chromosomes import ParameterBudget, Shape, Space, to_json  # noqa: E402
+from chromosomes.space import level_switch, project  # noqa: E402
+
+SHAPE = Shape(num_layers=8, kv_heads=3, channels=96, attention_fixed=4, attention_unit=30, mlp_fixed=4, mlp_unit=3)
+
+
+def test_width_genes_have_one_text_and_one_json_form():
+    genes = (1, 2, (2, 48), 0, (0, 96), 1)
+    assert to_string(genes) == "12[2.48]0[0.96]1"
+    assert from_string("12[2.48]0[0.96]1") == genes
+    assert to_json(genes) == [1, 2, [2, 48], 0, [0, 96], 1]
+    assert validate(to_json(genes)) == genes  # JSON's lists read back as the genome's tuples
+    for garbage in ("1[2.48", "1[2,48]", "1[.4]", "13"):
+        with pytest.raises(ChromosomeError):
+            from_string(garbage)
+
+
+@pytest.mark.parametrize("genes, message", [
+    ([1, (0, 0)], "gene 1 keeps nothing of the layer: write 0"),
+    ([1, (2, 48), 2], "gene 2 is MERGE but the layer it would fuse into is narrowed"),
+    ([1, (2, -1)], "gene 1 is"),
+    ([0, (0, 96), 2], "gene 2 is MERGE but the layer it would fuse into is narrowed"),
+])
+def test_invalid_width_genes_name_the_problem(genes, message):
+    with pytest.raises(ChromosomeError, match=message):
+        validate(genes)
+
+
+def test_a_narrowed_layer_is_a_block_of_its_own_and_counts_as_kept():
+    assert blocks([1, (2, 48), 0, (0, 96)]) == (Block(0), Block(1, (), 2, 48), Block(3, (), 0, 96))
+    assert layers_removed([1, 2, (2, 48), 0]) == 2
+
+
+def test_a_shape_prices_genes_and_spaces_hold_their_genes():
+    assert SHAPE.whole_layer == 4 + 90 + 4 + 288 and SHAPE.layer_parameters((0, 96)) == 4 + 288
+    assert SHAPE.layer_parameters((2, 0)) == 4 + 60 and SHAPE.layer_parameters(2) == 0
+    joint, sub, layers = (Space(kind, SHAPE, 4) for kind in ("joint", "sublayers", "layers"))
+    assert joint.ladder("mlp") == (0, 24, 48, 72, 96) and joint.ladder("attention") == (0, 1, 2, 3)
+    assert sub.ladder("mlp") == (0, 96)
+    assert joint.contains((2, 48)) and not sub.contains((2, 48)) and sub.contains((0, 96))
+    assert not layers.contains((0, 96)) and layers.contains(2) and not Space("joint", SHAPE, 4, merge=False).contains(2)
+    with pytest.raises(ChromosomeError, match="gene 1 keeps the whole layer: write 1"):
+        joint.check([1, (3, 96)] + [1] * 6)
+    with pytest.raises(ChromosomeError, match="not in the sublayers space"):
+        sub.check([1, (2, 48)] + [1] * 6)
+
+
+@pytest.mark.parametrize("kind", ["joint", "sublayers"])
+@pytest.mark.parametrize("share", [0.1, 0.267, 0.4, 0.7])
+def test_projection_and_level_switches_keep_every_genome_feasible_and_in_its_space(kind, share):
+    space = Space(kind, SHAPE, 4)
+    budget = ParameterBudget.of(share, space)
+    assert budget.remove == -int(-share * SHAPE.dense // 1) or budget.remove >= share * SHAPE.dense
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        genes = [rng.choice((0, 1, 2, (rng.randint(0, 3), rng.randint(0, 96)))) for _ in range(8)]
+        genes = [0 if gene == (0, 0) else 1 if gene == (3, 96) else gene for gene in genes]
+        genes = project(genes, space, budget, rng)
+        for candidate in (genes, project(level_switch(genes, space, rng), space, budget, rng)):
+            space.check(candidate)
+            assert budget.feasible(SHAPE.removed(candidate)), (candidate, SHAPE.removed(candidate), budget)
+            seen.add(to_string(candidate))
+    assert len(seen) > 100
+
+
+def test_a_budget_is_a_share_or_a_count_and_refuses_the_impossible():
+    space = Space("joint", SHAPE, 4)
+    assert ParameterBudget.of(0.5, space).remove == SHAPE.dense // 2
+    assert ParameterBudget.of(1000, space).remove == 1000
+    assert ParameterBudget.of(0.5, space).slack == space.largest_step() == 4 + 72
+    with pytest.raises(ChromosomeError, match="cannot remove"):
+        ParameterBudget.of(10 ** 9, space)

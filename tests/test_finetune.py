@@ -17,13 +17,12 @@ from chromosomes import ChromosomeRecord
 from evaluators.families import family_of
 from evaluators.fitness import EvaluatorConfig
 from evaluators.models import load_model
-from evaluators.surgery import compact_model
 from evaluators.text import text_blocks
 from finetune.best import main
 from finetune.config import HealConfig
 from finetune.model import attach_adapter, build_compact, trainable_parameters
 from finetune.train import measure
-from tests.tiny import grammar_text
+from tests.tiny import cut_layers, grammar_text
 
 SKIP_ONLY = (1, 0, 1, 1, 0, 1)
 WITH_MERGE = (1, 2, 1, 0, 1, 2)
@@ -173,7 +172,7 @@ PLAN_CASES = [  # family, plan, train_qk_norm, LoRA layers expected
 def test_each_plan_trains_its_parameters_and_nothing_else(family, plan, qk_norm, lora, tiny_models):
     model, _ = load_model(str(tiny_models[family]))
     own = family_of(model)
-    compact_model(model, SKIP_ONLY)
+    cut_layers(model, SKIP_ONLY)
     names = trainable_parameters(attach_adapter(model, HealConfig(plan=plan, train_qk_norm=qk_norm)))
     lora_layers = {name.split(".")[-4] for name in names if ".lora_" in name}
     norms = {name for name in names if ".lora_" not in name}
@@ -189,7 +188,7 @@ def test_each_plan_trains_its_parameters_and_nothing_else(family, plan, qk_norm,
 @pytest.mark.parametrize("family", ["gemma3", "phi3", "olmo2", "mixtral"])
 def test_the_tail_plan_finds_the_norms_of_every_family(family, tiny_models):
     model, _ = load_model(str(tiny_models[family]))
-    compact_model(model, SKIP_ONLY)
+    cut_layers(model, SKIP_ONLY)
     names = trainable_parameters(attach_adapter(model, HealConfig(plan="tail", tail_layers=1)))
     own = family_of(model).layer_norms
     early = {name.split(".")[3] for name in names if name.startswith(("model.layers.0.", "model.layers.1."))}
@@ -210,7 +209,7 @@ def test_the_tail_plan_trains_the_head_and_last_layers_in_full_and_nothing_else(
     assert main(options(best, tmp_path / "tail", text_file, held_out, "--plan", "tail", "--tail-layers", "2",
                         "--steps", "3", "--repair", "none")) == 0
     base, _ = load_model(str(folder))
-    before = compact_model(base, SKIP_ONLY).state_dict()
+    before = cut_layers(base, SKIP_ONLY).state_dict()
     after = load_file(tmp_path / "tail" / "model.safetensors")
     changed = {key for key in after if not torch.equal(after[key], before[key])}
     in_tail = {key for key in after if key.startswith(("model.layers.2.", "model.layers.3."))}
@@ -233,7 +232,7 @@ def test_a_norm_run_changes_norm_weights_only(llama_dir, text_file, held_out, tm
     assert main(options(best, tmp_path / "norm", text_file, held_out, "--plan", "norm", "--steps", "3",
                         "--gradient-checkpointing", "--repair", "none")) == 0
     base, _ = load_model(str(llama_dir))
-    before = compact_model(base, SKIP_ONLY).state_dict()
+    before = cut_layers(base, SKIP_ONLY).state_dict()
     after = load_file(tmp_path / "norm" / "model.safetensors")
     changed = {key for key in after if not torch.equal(after[key], before[key])}
     assert changed and all(key.endswith("norm.weight") for key in changed)
@@ -250,7 +249,7 @@ def test_a_bf16_run_trains_in_fp32_and_exports_a_bf16_model(llama_dir, text_file
     # updates of a few lr steps are far below bf16's resolution near 1: only fp32 norms can hold them
     base, _ = load_model(str(llama_dir))
     final_norm = adapter["base_model.model.model.norm.weight"]
-    moved = (final_norm - compact_model(base, SKIP_ONLY).model.norm.weight).abs()
+    moved = (final_norm - cut_layers(base, SKIP_ONLY).model.norm.weight).abs()
     assert 0 < moved.max() < 0.05 and final_norm.to(torch.bfloat16).float().ne(final_norm).any()
 
 
@@ -344,7 +343,7 @@ def test_steps_0_exports_the_repaired_compact_model_untrained_with_its_efficienc
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "compact", dtype=torch.float32).eval()
     assert torch.allclose(logits(exported, PROMPT), viewed, atol=1e-5)
     raw, _ = load_model(str(llama_dir))
-    assert not torch.allclose(logits(compact_model(raw, SKIP_ONLY), PROMPT), viewed, atol=1e-3)  # repair acted
+    assert not torch.allclose(logits(cut_layers(raw, SKIP_ONLY), PROMPT), viewed, atol=1e-3)  # repair acted
     assert exported.generate(PROMPT, max_new_tokens=5, do_sample=False, pad_token_id=2).shape == (2, 21)
     measured = report["before"][str(held_out)]["perplexity"]
     blocks = text_blocks(str(held_out), AutoTokenizer.from_pretrained(tmp_path / "compact"), 64, 1024)

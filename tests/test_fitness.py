@@ -65,7 +65,7 @@ def test_calibration_changes_fitness_and_restores_every_weight(family, tiny_mode
     calibrated = make(tiny_models[family], text_file, calib_steps=4, calib_lr=0.05, repair=repair)
     model = calibrated.model
     weights = {name: p.clone() for name, p in model.named_parameters()}
-    trained = {id(p) for p in norm_parameters(model, calibrated.dense_layers, calibrated.family)}
+    trained = {id(p) for p in norm_parameters(model, calibrated.builder.dense_layers, calibrated.family)}
     norms = {name for name, p in model.named_parameters() if id(p) in trained}
     own = family_of(model).layer_norms
     assert norms == {f"model.layers.{i}.{norm}.weight" for i in range(6) for norm in own} | {"model.norm.weight"}

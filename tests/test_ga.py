@@ -77,9 +77,9 @@ def test_importance_seeding_starts_from_the_one_shot_chromosome(tmp_path):
     assert len(singles) == 24  # every single-layer removal scored once
     from ga.seeding import single_skips
     one_shot = skip_lowest([state.cache[to_string(genes)].value for genes in single_skips(24)], 8)
-    assert state.seed == to_string(one_shot) and state.seed in state.cache
+    assert state.seeds == [to_string(one_shot)] and state.seeds[0] in state.cache
     saved = RunFolder(tmp_path / "seeded").load_checkpoint()["state"]
-    assert saved["seed"] == state.seed and saved["history"][0]["best"] in state.cache
+    assert saved["seeds"] == state.seeds and saved["history"][0]["best"] in state.cache
 
 
 def test_influence_seeding_costs_one_evaluation_and_surrounds_the_one_shot_chromosome(tmp_path):
@@ -87,7 +87,7 @@ def test_influence_seeding_costs_one_evaluation_and_surrounds_the_one_shot_chrom
     state = run(tmp_path, "influence", evaluator, gens=1, init="influence")
     seed = skip_lowest(evaluator.block_influence(), 8)
     first = RunFolder(tmp_path / "influence").load_checkpoint()["state"]["history"][0]
-    assert state.seed == to_string(seed) and state.seed in evaluator.calls
+    assert state.seeds == [to_string(seed)] and state.seeds[0] in evaluator.calls
     distances = [sum(a != b for a, b in zip(from_string(key), seed)) for key in first["population"]]
     assert max(distances) <= 6  # 1 to 3 mutations, each changing at most two genes
     assert not any(key.count("0") == 1 and "2" not in key for key in evaluator.calls)  # no single-layer scans
@@ -155,7 +155,7 @@ def test_the_checkpoint_stays_the_same_size_as_the_run_grows(tmp_path):
 
 def test_resume_refuses_another_budget_or_fitness_and_a_finished_run(tmp_path):
     run(tmp_path, "r", PlantedEvaluator(TARGET), gens=2)
-    with pytest.raises(RunError, match="removes 8 layers, this asks for 6"):
+    with pytest.raises(RunError, match="the run removes 8 layers, this asks for one that removes 6 layers"):
         run(tmp_path, "r", PlantedEvaluator(TARGET), gens=3, remove=6)
     with pytest.raises(RunError, match="num_layers"):
         run(tmp_path, "r", PlantedEvaluator(TARGET[:-1] + [1, 1]), gens=3)

@@ -180,11 +180,11 @@ def test_alignments_on_disk_serve_another_evaluator_without_statistics(llama_dir
     merged = first.evaluate([[1, 2, 2, 1, 0, 1]])
     assert len(list((tmp_path / "alignments").glob("*.safetensors"))) == 2  # (0, 1) and (0, 2)
     second = scorer(llama_dir, text_file, align_cache=str(tmp_path / "alignments"))
-    second.merger.statistics = lambda *pair: pytest.fail(f"statistics of {pair} recomputed")
+    second.builder.merger.statistics = lambda *pair: pytest.fail(f"statistics of {pair} recomputed")
     assert [f.nll for f in second.evaluate([[1, 2, 2, 1, 0, 1]])] == [f.nll for f in merged]
     other = scorer(llama_dir, text_file, align_cache=str(tmp_path / "alignments"), align_tokens=96)
-    assert AlignmentCache(tmp_path / "alignments", {}).digest != other.merger.store.digest
-    assert other.merger.store.digest != second.merger.store.digest  # other tokens: other alignments
+    assert AlignmentCache(tmp_path / "alignments", {}).digest != other.builder.merger.store.digest
+    assert other.builder.merger.store.digest != second.builder.merger.store.digest  # other tokens: other alignments
 
 
 @pytest.mark.parametrize("method, recorded", [("auto", None), ("hungarian", None), ("greedy", "greedy")])
@@ -200,7 +200,7 @@ def test_every_aligned_layer_is_checked_and_a_mixture_of_experts_is_refused(fami
     merging = [1, 2, 1, 0, 1, 2]
     if family in MERGEABLE:
         evaluator.evaluate([merging])
-        changes = evaluator.merger.changes
+        changes = evaluator.builder.merger.changes
         assert set(changes) == {(0, 1), (4, 5)}
         assert max(changes.values()) < 1e-5 < ALIGNMENT_TOLERANCE  # measured: about 3e-7 on each family
     else:  # a mixture of experts has no single MLP to permute
@@ -211,7 +211,7 @@ def test_every_aligned_layer_is_checked_and_a_mixture_of_experts_is_refused(fami
 
 
 def test_a_layer_without_the_expected_projections_is_refused_by_name(llama_dir, text_file):
-    merger = scorer(llama_dir, text_file).merger
+    merger = scorer(llama_dir, text_file).builder.merger
     for layer in merger.layers[:2]:  # named as in a model with a fused gate_up_proj
         layer.mlp.gate_up_proj = layer.mlp.gate_proj
         del layer.mlp.gate_proj

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from chromosomes import blocks
 from evaluators.fitness import EvaluatorConfig, Fitness, ModelEvaluator, WORST_LOSS, finite_loss
 from evaluators.families import FAMILIES
-from evaluators.repair import NormalEquations, RepairError, random_rotation, seam_targets, with_output_map
+from evaluators.repair import NormalEquations, RepairError, Seam, random_rotation, seam_targets, with_output_map
 from evaluators.surgery import LayerStack, layer_view
 
 SKIPS = [1, 0, 0, 1, 1, 0]  # two seams: after layer 0 (to 2) and after layer 4 (to 5)
@@ -32,21 +32,32 @@ def plan_stack(genes):
     return LayerStack(plan, plan, tuple(range(len(plan))), None)
 
 
+def mlp_seams(*pairs):
+    """Seams after whole layers: (position, last removed layer) -> that layer's MLP sub-layer."""
+    return [Seam(position, "mlp", 2 * layer + 1) for position, layer in pairs]
+
+
 @pytest.mark.parametrize("genes, seams", [
     ([1, 1, 1, 1], []),
-    ([1, 0, 0, 1, 1, 0], [(0, 2), (2, 5)]),
-    ([1, 2, 1, 0, 1, 1], [(0, 1), (1, 3)]),
+    ([1, 0, 0, 1, 1, 0], mlp_seams((0, 2), (2, 5))),
+    ([1, 2, 1, 0, 1, 1], mlp_seams((0, 1), (1, 3))),
     ([0, 1, 1, 1], []),  # a leading cut has no kept layer before it to repair
+    # sub-layers: layer 1 keeps no MLP, so its attention writes the seam up to layer 2's attention
+    ([1, (2, 0), (0, 8), 1], [Seam(1, "attention", 4)]),
+    ([1, (0, 8), 1, 1], [Seam(0, "mlp", 2)]),  # ends inside layer 1: at its attention
+    ([(2, 0), 0, (2, 4), 1], [Seam(0, "attention", 3)]),  # narrowed layers count as kept
 ])
-def test_every_kept_block_followed_by_removed_layers_is_a_seam(genes, seams):
+def test_every_kept_sublayer_followed_by_removed_ones_is_a_seam(genes, seams):
     assert seam_targets(plan_stack(genes), len(genes)) == seams
 
 
 @pytest.mark.parametrize("genes, min_run, seams", [
-    ([1, 0, 0, 1, 1, 0], 2, [(0, 2)]),  # the run of one after layer 4 is left as cut
+    ([1, 0, 0, 1, 1, 0], 2, mlp_seams((0, 2))),  # the run of one after layer 4 is left as cut
     ([1, 0, 0, 1, 1, 0], 3, []),
     ([1, 2, 1, 0, 1, 1], 2, []),  # a merged layer counts as removed: both seams are runs of one
-    ([1, 2, 0, 1, 1, 1], 2, [(0, 2)]),
+    ([1, 2, 0, 1, 1, 1], 2, mlp_seams((0, 2))),
+    ([1, (2, 0), 0, 1], 2, [Seam(1, "attention", 5)]),  # three sub-layers: at least 2 * 2 - 1
+    ([1, (0, 8), 1, 1], 2, []),
 ])
 def test_only_long_runs_are_seams_when_asked(genes, min_run, seams):
     assert seam_targets(plan_stack(genes), len(genes), min_run) == seams
@@ -104,20 +115,19 @@ def test_folding_the_map_into_down_proj_multiplies_the_mlp_output(llama_dir):
 def test_a_repaired_seam_matches_the_dense_state_better_than_the_raw_cut(llama_dir, text_file, genes, inputs, method):
     """On the repair statistics, the repaired block's output is nearer the dense one than the raw cut's."""
     repaired = make(llama_dir, text_file, repair_inputs=inputs, repair=method)
-    repairer = repaired.repairer
-    raw = repaired.raw_stack(genes)
+    repairer = repaired.builder.repairer
+    raw = repaired.builder.raw_stack(genes)
     fixed = repaired.stack(genes)
-    dense = repairer.dense_states()
-    for position, target in seam_targets(raw, 6):
+    for seam in seam_targets(raw, 6):
         errors = []
         for stack in (raw, fixed):
             outputs = []
-            hook = stack.modules[position].register_forward_hook(lambda _m, _a, out: outputs.append(out))
+            hook = stack.modules[seam.position].register_forward_hook(lambda _m, _a, out: outputs.append(out))
             with layer_view(repaired.model, stack.modules, stack.layer_types), torch.no_grad():
                 for batch in repairer._batches():
                     repaired.model.model(input_ids=batch, use_cache=False)
             hook.remove()
-            errors.append(sum(float((o - d).pow(2).sum()) for o, d in zip(outputs, dense[target + 1])))
+            errors.append(sum(float((o - d).pow(2).sum()) for o, d in zip(outputs, repairer.dense_after(seam.target))))
         # the scaling has hidden values to fit, not hidden^2: it only has to beat the raw cut (d = 1)
         assert errors[1] < (1.0 if method == "scale" else 0.9) * errors[0], errors
 
@@ -138,11 +148,11 @@ def test_repair_brings_the_cut_model_closer_to_the_dense_one_on_scoring_text(lla
 
 def test_fits_are_cached_and_a_dense_chromosome_needs_none(repaired):
     first = repaired.evaluate([SKIPS])[0]
-    fitted = len(repaired.repairer._fitted)
+    fitted = len(repaired.builder.repairer._fitted)
     again = repaired.evaluate([SKIPS])[0]
-    assert again.nll == first.nll and len(repaired.repairer._fitted) == fitted
+    assert again.nll == first.nll and len(repaired.builder.repairer._fitted) == fitted
     dense_stack = repaired.stack([1] * 6)
-    assert dense_stack.keys == dense_stack.plan and list(dense_stack.modules) == repaired.dense_layers
+    assert dense_stack.keys == dense_stack.plan and list(dense_stack.modules) == repaired.builder.dense_layers
 
 
 def test_with_dense_inputs_a_fit_depends_on_its_block_alone(llama_dir, text_file):
@@ -150,17 +160,18 @@ def test_with_dense_inputs_a_fit_depends_on_its_block_alone(llama_dir, text_file
     first = evaluator.stack([1, 0, 1, 1, 0, 1])  # seams after layer 0 (to 1) and after layer 3 (to 4)
     second = evaluator.stack([1, 0, 1, 0, 1, 1])  # the same first seam behind other layers
     assert first.modules[0] is second.modules[0]  # one fit, shared
-    assert len(evaluator.repairer._fitted) == 3
+    assert len(evaluator.builder.repairer._fitted) == 3
     pruned = make(llama_dir, text_file, repair_inputs="pruned").stack([1, 0, 1, 1, 0, 1])
     assert not torch.equal(pruned.modules[2].mlp.down_proj.weight, first.modules[2].mlp.down_proj.weight)
 
 
 def test_repair_statistics_come_from_windows_the_fitness_never_reads(repaired):
     split = repaired.split
-    assert repaired.repairer.blocks.data_ptr() == split.tune.data_ptr()
+    repairer = repaired.builder.repairer
+    assert repairer.blocks.data_ptr() == split.tune.data_ptr()
     assert repaired.config.repair_blocks == 8 and split.tune.shape[0] >= 8
     scored = {tuple(row.tolist()) for row in split.score}
-    assert not scored & {tuple(row.tolist()) for row in repaired.repairer.blocks}
+    assert not scored & {tuple(row.tolist()) for row in repairer.blocks}
 
 
 def test_kl_fitness_is_the_divergence_of_next_token_distributions(llama_dir, text_file):
@@ -188,8 +199,8 @@ def test_a_non_finite_loss_is_recorded_as_the_worst_finite_value():
 
 def test_a_layer_without_down_proj_is_refused_with_a_message():
     with pytest.raises(RepairError, match="has no mlp.down_proj linear layer.*--repair none"):
-        from evaluators.repair import mlp_output_projection
-        mlp_output_projection(torch.nn.Linear(2, 2), FAMILIES["llama"])
+        from evaluators.repair import output_projection
+        output_projection(torch.nn.Linear(2, 2), FAMILIES["llama"], FAMILIES["llama"].down)
 
 
 @pytest.mark.parametrize("repair", ["none", "lsq"])
@@ -216,9 +227,9 @@ def test_a_model_that_computes_nan_gets_the_worst_fitness_and_the_search_goes_on
 
 def test_the_fit_cache_keeps_within_its_byte_budget(llama_dir, text_file):
     evaluator = make(llama_dir, text_file, repair_inputs="pruned")
-    evaluator.repairer.cache_bytes = 1  # room for the newest fit only
+    evaluator.builder.repairer.cache_bytes = 1  # room for the newest fit only
     evaluator.evaluate([SKIPS, MERGED, [1, 1, 0, 1, 0, 1]])
-    assert len(evaluator.repairer._fitted) == 1
+    assert len(evaluator.builder.repairer._fitted) == 1
     again = make(llama_dir, text_file, repair_inputs="pruned").evaluate([SKIPS, MERGED, [1, 1, 0, 1, 0, 1]])
     assert [f.nll for f in again] == [f.nll for f in evaluator.evaluate([SKIPS, MERGED, [1, 1, 0, 1, 0, 1]])]
 

@@ -47,6 +47,7 @@ FAMILIES = {
 }
 MERGEABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")
 REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+WIDTHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")  # not experts
 
 NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
 VERBS = "sees chases likes finds follows hears meets helps".split()
@@ -75,6 +76,14 @@ def write_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
                                    eos_token="</s>", pad_token="</s>")
     fast.save_pretrained(folder)
     return fast
+
+
+def cut_layers(model, genes):
+    """The model cut to a depth chromosome for good, unrepaired (what the search scores with --repair none)."""
+    from evaluators.build import Builder
+    from evaluators.fitness import EvaluatorConfig
+
+    return Builder(model, None, EvaluatorConfig(repair="none"), 4).compact(genes)
 
 
 def build_model(family: str, folder: Path, num_layers: int = 6, seed: int = 0, vocab_size: int = 320):
