@@ -242,7 +242,9 @@ def without_orphan_merges(genes: Sequence[LayerGene], merge: bool) -> list[Layer
 
 def project(genes: Sequence[LayerGene], space: Space, budget: ParameterBudget, rng: random.Random) -> list[LayerGene]:
     """A feasible genome of the space near `genes`: while it keeps too little, a random sub-layer
-    gains a level; while it keeps too much, a random sub-layer loses one.
+    gains a level; while it keeps too much, a random sub-layer loses one; then random sub-layers
+    gain a level while that still leaves the budget met, so that no genome gives away a level the
+    budget allows it.
 
     Every move changes the parameters by less than the budget's slack, so the first loop stops
     at or above the budget's lower end and the second inside the window.
@@ -252,7 +254,15 @@ def project(genes: Sequence[LayerGene], space: Space, budget: ParameterBudget, r
         space.step(genes, rng.choice(space.moves(genes, +1)), +1)
     while space.shape.removed(genes) < budget.remove:
         space.step(genes, rng.choice(space.moves(genes, -1)), -1)
+    while fitting := [move for move in space.moves(genes, +1) if _removed_after(genes, space, move) >= budget.remove]:
+        space.step(genes, rng.choice(fitting), +1)
     return without_orphan_merges(genes, space.merge)
+
+
+def _removed_after(genes: list[LayerGene], space: Space, move: tuple[int, str]) -> int:
+    trial = list(genes)
+    space.step(trial, move, +1)
+    return space.shape.removed(trial)
 
 
 def level_switch(genes: Sequence[LayerGene], space: Space, rng: random.Random) -> list[LayerGene]:

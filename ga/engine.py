@@ -21,6 +21,7 @@ from deap import algorithms, base, tools
 
 from chromosomes import ChromosomeRecord, LayerGene, Shape, blocks, from_string, to_string
 from chromosomes.width import Ranking, counts_left, select_global
+from evaluators.cli import say
 from evaluators.fitness import Evaluator, Fitness
 from ga.board import Board
 from ga.checkpoint import RunError, RunFolder, restore_rng, rng_state_to_json
@@ -434,7 +435,12 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
     if state.population and finished(state, search, definition):
         raise RunError(f"run in {folder.path} already finished {state.generation} generations "
                        f"({state.evaluations} evaluations); pass a larger --gens or --max-evals to continue it")
-    ranking = Ranking.of(evaluator.units(), evaluator.num_layers) if problem.budget else None
+    ranking = None
+    if problem.budget:
+        widths = definition["widths"]
+        say(f"ranking every unit by {widths['ranking']} importance on {widths['ranking_tokens']:,} calibration tokens "
+            "(once per run folder)", progress)
+        ranking = Ranking.of(evaluator.units(), evaluator.num_layers)
 
     def finish_generation(evals: int, hits: int, seconds: float) -> None:
         record = record_generation(state, evals, hits, stats, problem.space.shape)

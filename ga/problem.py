@@ -86,7 +86,8 @@ class Problem:
         if self.layers is not None:
             return mutate(individual, self.layers, self.space.merge, flip_prob, rng, drop_weights, seam_prob)
         genes = list(individual)
-        if self.space.merge and rng.random() < flip_prob:
+        removed = any(gene in (Gene.SKIP, Gene.MERGE) for gene in genes)  # else a flip has nothing to flip
+        if self.space.merge and removed and rng.random() < flip_prob:
             genes = flip_merge(genes, rng)
         else:
             for _ in range(rng.randint(1, 3)):

@@ -81,10 +81,10 @@ def architecture_lines(layers: Sequence[dict[str, Any]]) -> list[str]:
         if "merged_into" in entry:
             cell = f"merged into {entry['merged_into']}"
         elif "kv_heads" in entry:
-            cell = f"{entry['kv_heads']} heads / {entry['channels']}"
+            cell = f"{entry['kv_heads']} / {entry['channels']}"
         else:
             cell = "skip" if entry["gene"] == "0" else "keep"
-        cells.append(f"{entry['layer']:>3}: {cell:<16}")
+        cells.append(f"{entry['layer']:>3}: {cell:<15}")
     return ["  " + "".join(cells[i:i + LAYERS_PER_LINE]).rstrip() for i in range(0, len(cells), LAYERS_PER_LINE)]
 
 
