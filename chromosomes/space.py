@@ -55,9 +55,9 @@ class Shape:
     def gene(self, kv_heads: int, channels: int) -> LayerGene:
         """The canonical gene of a layer keeping these counts."""
         if (kv_heads, channels) == (0, 0):
-            return Gene.SKIP
+            return int(Gene.SKIP)
         if (kv_heads, channels) == (self.kv_heads, self.channels):
-            return Gene.KEEP
+            return int(Gene.KEEP)
         return kv_heads, channels
 
     def attention_parameters(self, kv_heads: int) -> int:
@@ -233,14 +233,15 @@ def without_orphan_merges(genes: Sequence[LayerGene], merge: bool) -> list[Layer
     out, anchor = [], None
     for gene in genes:
         if gene == Gene.MERGE and (not merge or anchor != Gene.KEEP):
-            gene = Gene.SKIP
+            gene = int(Gene.SKIP)
         if keeps(gene):
             anchor = gene
         out.append(gene)
     return out
 
 
-def project(genes: Sequence[LayerGene], space: Space, budget: ParameterBudget, rng: random.Random) -> list[LayerGene]:
+def project(genes: Sequence[LayerGene], space: Space, budget: ParameterBudget, rng: random.Random,
+            guide: Guide | None = None) -> list[LayerGene]:
     """A feasible genome of the space near `genes`: while it keeps too little, a random sub-layer
     gains a level; while it keeps too much, a random sub-layer loses one; then random sub-layers
     gain a level while that still leaves the budget met, so that no genome gives away a level the
@@ -251,11 +252,11 @@ def project(genes: Sequence[LayerGene], space: Space, budget: ParameterBudget, r
     """
     genes = without_orphan_merges(space.nearest(genes), space.merge)
     while space.shape.removed(genes) >= budget.remove + budget.slack:
-        space.step(genes, rng.choice(space.moves(genes, +1)), +1)
+        space.step(genes, pick(space, genes, space.moves(genes, +1), +1, rng, guide), +1)
     while space.shape.removed(genes) < budget.remove:
-        space.step(genes, rng.choice(space.moves(genes, -1)), -1)
+        space.step(genes, pick(space, genes, space.moves(genes, -1), -1, rng, guide), -1)
     while fitting := [move for move in space.moves(genes, +1) if _removed_after(genes, space, move) >= budget.remove]:
-        space.step(genes, rng.choice(fitting), +1)
+        space.step(genes, pick(space, genes, fitting, +1, rng, guide), +1)
     return without_orphan_merges(genes, space.merge)
 
 
@@ -265,17 +266,64 @@ def _removed_after(genes: list[LayerGene], space: Space, move: tuple[int, str]) 
     return space.shape.removed(trial)
 
 
-def level_switch(genes: Sequence[LayerGene], space: Space, rng: random.Random) -> list[LayerGene]:
+@dataclass(frozen=True)
+class Guide:
+    """Which level moves are worth proposing: those that trade units near the one-shot plan's
+    frontier.
+
+    A global width plan removes units in order of importance per parameter and stops at a
+    frontier; a search improves on it by trading units whose importance it misjudges, and those
+    lie near the frontier, while moving a unit far above it (vital) or far below it (long gone)
+    is rarely worth an evaluation. A move's weight is exp(-|log(r / frontier)|), r the importance
+    per parameter of the units it adds or removes.
+    """
+
+    ratios: dict[tuple[int, str], tuple[float, ...]]  # per (layer, kind): each unit's, in ranking order
+    frontier: float
+
+    @classmethod
+    def of(cls, units: Sequence[Any], removed: set[Any]) -> "Guide":
+        """From a unit table (most important first within a layer and kind, as Ranking orders
+        them) and the units a global selection removes."""
+        ratios: dict[tuple[int, str], list[float]] = {}
+        for unit in sorted(units, key=lambda u: (u.importance, u.index), reverse=True):
+            ratios.setdefault((unit.layer, unit.kind), []).append(unit.importance / unit.cost)
+        frontier = max((u.importance / u.cost for u in removed), default=1.0)
+        return cls({key: tuple(values) for key, values in ratios.items()}, max(frontier, TINY))
+
+    def weight(self, space: Space, genes: Sequence[LayerGene], move: tuple[int, str], direction: int) -> float:
+        layer, kind = move
+        ladder = space.ladder(kind)
+        at = ladder.index(space.shape.counts(genes[layer])[KINDS.index(kind)])
+        low, high = sorted((ladder[at], ladder[at + direction]))
+        chunk = self.ratios[(layer, kind)][low:high]
+        ratio = max(sum(chunk) / len(chunk), TINY)
+        return math.exp(-abs(math.log(ratio / self.frontier)))
+
+
+TINY = 1e-30  # importance per parameter of a unit that does nothing at all
+
+
+def pick(space: Space, genes: Sequence[LayerGene], moves: list[tuple[int, str]], direction: int,
+         rng: random.Random, guide: Guide | None) -> tuple[int, str]:
+    """One of the moves: uniformly, or as the guide weighs them."""
+    if guide is None:
+        return rng.choice(moves)
+    return rng.choices(moves, [guide.weight(space, genes, move, direction) for move in moves])[0]
+
+
+def level_switch(genes: Sequence[LayerGene], space: Space, rng: random.Random,
+                 guide: Guide | None = None) -> list[LayerGene]:
     """EvoPress's level switch: one sub-layer gains a level and another loses one (then `project`
     restores the budget, since the two levels rarely cost the same)."""
     genes = list(genes)
     up = space.moves(genes, +1)
-    raised = rng.choice(up) if up else None
+    raised = pick(space, genes, up, +1, rng, guide) if up else None
     if raised:
         space.step(genes, raised, +1)
     down = [move for move in space.moves(genes, -1) if move != raised]
     if down:
-        space.step(genes, rng.choice(down), -1)
+        space.step(genes, pick(space, genes, down, -1, rng, guide), -1)
     return genes
 
 
@@ -285,5 +333,5 @@ def flip_merge(genes: Sequence[LayerGene], rng: random.Random) -> list[LayerGene
     removed = [i for i, gene in enumerate(genes) if gene in (Gene.SKIP, Gene.MERGE)]
     if removed:
         i = rng.choice(removed)
-        genes[i] = Gene.MERGE if genes[i] == Gene.SKIP else Gene.SKIP
+        genes[i] = int(Gene.MERGE if genes[i] == Gene.SKIP else Gene.SKIP)
     return genes

@@ -53,7 +53,7 @@ def level_switches(parent: list[LayerGene], problem: Problem, rng: random.Random
     another loses one, then the budget is restored."""
     child = list(parent)
     for _ in range(rng.randint(1, 3)):
-        child = level_switch(child, problem.space, rng)
+        child = level_switch(child, problem.space, rng, problem.guide)
     return problem.project(child, rng)
 
 

@@ -11,7 +11,8 @@ WIDTH_INITS = ("width", "mix")  # seeds that need a space with widths
 # Search settings added after runs were saved without them, with the value that reproduces what
 # those runs did: a run saved before seam moves existed resumes with seam moves off, one saved
 # before spaces existed searched whole layers.
-ADDED_SINCE: dict[str, object] = {"seam_prob": 0.0, "space": "layers", "params": None, "mlp_levels": 8}
+ADDED_SINCE: dict[str, object] = {"seam_prob": 0.0, "space": "layers", "params": None, "mlp_levels": 8,
+                                  "guide": False}
 
 
 def saved_search(settings: dict) -> dict:
@@ -31,6 +32,7 @@ class SearchConfig(Settings):
     space: str | None = field(default=None, metadata={"help": "what a gene may do: layers (skip, keep or merge a whole layer), sublayers (also drop a layer's attention or its MLP alone) or joint (also narrow them: key-value groups and MLP channels) (default: joint; layers with --remove or --ratio)"})
     params: float | None = field(default=None, metadata={"help": "decoder parameters to remove: a share below 1 (default 0.25) or a count; a genome removes at least this and less than one more level step"})
     mlp_levels: int = field(default=8, metadata={"help": "joint space: MLP widths in steps of 1/mlp_levels of the channels"})
+    guide: bool = field(default=False, metadata={"help": "spaces with widths: propose level moves by how near the units they trade lie to the one-shot width plan's frontier of importance per parameter, not uniformly"})
     remove: int | None = field(default=None, metadata={"help": "layers space: decoder layers to remove (or give --ratio)"})
     ratio: float | None = field(default=None, metadata={"help": "layers space: fraction of decoder layers to remove (default 0.25)"})
     merge: bool = field(default=True, metadata={"help": "allow MERGE genes (fuse a layer into the whole layer before it)"})

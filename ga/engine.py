@@ -13,13 +13,14 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
 from deap import algorithms, base, tools
 
 from chromosomes import ChromosomeRecord, LayerGene, Shape, blocks, from_string, to_string
+from chromosomes.space import Guide
 from chromosomes.width import Ranking, counts_left, select_global
 from evaluators.cli import say
 from evaluators.fitness import Evaluator, Fitness
@@ -440,7 +441,10 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
         widths = definition["widths"]
         say(f"ranking every unit by {widths['ranking']} importance on {widths['ranking_tokens']:,} calibration tokens "
             "(once per run folder)", progress)
-        ranking = Ranking.of(evaluator.units(), evaluator.num_layers)
+        units = evaluator.units()
+        ranking = Ranking.of(units, evaluator.num_layers)
+        if search.guide:
+            problem = replace(problem, guide=Guide.of(units, select_global(units, problem.budget.remove)))
 
     def finish_generation(evals: int, hits: int, seconds: float) -> None:
         record = record_generation(state, evals, hits, stats, problem.space.shape)

@@ -18,7 +18,7 @@ from typing import Any, MutableSequence, Sequence
 from deap import tools
 
 from chromosomes import Gene, LayerGene, ParameterBudget, Shape, Space, random_chromosome
-from chromosomes.space import flip_merge, level_switch, project
+from chromosomes.space import Guide, flip_merge, level_switch, project
 from ga.config import SearchConfig
 from ga.operators import crossover, mutate
 
@@ -28,6 +28,7 @@ class Problem:
     space: Space
     layers: int | None = None  # layers space: every genome removes exactly this many layers
     budget: ParameterBudget | None = None  # spaces with widths
+    guide: Guide | None = None  # spaces with widths: level moves weighed by the one-shot plan's frontier
 
     @classmethod
     def of(cls, search: SearchConfig, definition: dict[str, Any]) -> "Problem":
@@ -76,10 +77,10 @@ class Problem:
         """A random feasible genome."""
         if self.layers is not None:
             return random_chromosome(self.space.shape.num_layers, self.layers, rng, self.space.merge)
-        return self.project([Gene.KEEP] * self.space.shape.num_layers, rng)
+        return self.project([1] * self.space.shape.num_layers, rng)
 
     def project(self, genes: Sequence[LayerGene], rng: random.Random) -> list[LayerGene]:
-        return project(genes, self.space, self.budget, rng)
+        return project(genes, self.space, self.budget, rng, self.guide)
 
     def mutate(self, individual: MutableSequence[LayerGene], rng: random.Random, flip_prob: float,
                drop_weights: Sequence[float] | None = None, seam_prob: float = 0.0) -> tuple[MutableSequence]:
@@ -91,7 +92,7 @@ class Problem:
             genes = flip_merge(genes, rng)
         else:
             for _ in range(rng.randint(1, 3)):
-                genes = level_switch(genes, self.space, rng)
+                genes = level_switch(genes, self.space, rng, self.guide)
         individual[:] = self.project(genes, rng)
         return (individual,)
 

@@ -14,6 +14,8 @@ from evaluators.surgery import LayerStack, layer_view
 
 SKIPS = [1, 0, 0, 1, 1, 0]  # two seams: after layer 0 (to 2) and after layer 4 (to 5)
 MERGED = [1, 2, 1, 0, 1, 1]  # a merge block then a skip
+ATTENTION_SEAM = [1, (2, 0), (0, 64), 1, 1, 1]  # layer 1's attention writes the seam to layer 2's attention
+MLP_SEAM = [1, (0, 64), 1, 1, 1, 1]  # layer 0's MLP writes the seam to layer 1's attention, inside layer 1
 
 
 def make(folder, text_file, **overrides):
@@ -109,7 +111,8 @@ def test_folding_the_map_into_down_proj_multiplies_the_mlp_output(llama_dir):
     assert torch.equal(layer.mlp(x), model.model.layers[1].mlp(x))  # the dense layer is untouched
 
 
-@pytest.mark.parametrize("genes", [SKIPS, MERGED], ids=["skip", "merge"])
+@pytest.mark.parametrize("genes", [SKIPS, MERGED, ATTENTION_SEAM, MLP_SEAM],
+                         ids=["skip", "merge", "attention-anchor", "inside-a-layer"])
 @pytest.mark.parametrize("inputs, method", [("pruned", "lsq"), ("dense", "lsq"), ("pruned", "lsq-attn"),
                                             ("pruned", "scale")])
 def test_a_repaired_seam_matches_the_dense_state_better_than_the_raw_cut(llama_dir, text_file, genes, inputs, method):

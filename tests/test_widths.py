@@ -14,7 +14,6 @@ from evaluators.build import Builder
 from evaluators.export import load_pruned
 from evaluators.families import family_of
 from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.repair import seam_targets
 from evaluators.surgery import install_layers, layer_view
 from evaluators.units import NoAttention, full_geometry, layer_shape, narrowed, unit_importance
 from tests.tiny import FAMILIES, REPAIRABLE, WIDTHS
@@ -213,24 +212,6 @@ def test_a_refitted_sub_layer_reproduces_the_dense_output_better_than_the_cut_on
         return outputs
 
     errors = [sublayer_error(scorer, scorer.stack(genes), 2, kind, dense_output) for scorer in (cut, refit)]
-    assert errors[1] < 0.9 * errors[0], errors
-
-
-@pytest.mark.parametrize("genes", [[1, (2, 0), (0, 64), 1, 1, 1], [1, (0, 64), 1, 1, 1, 1]], ids=["attention", "mlp"])
-def test_a_sub_layer_seam_is_repaired_towards_the_dense_state(llama_dir, text_file, genes):
-    scorer = evaluator(llama_dir, text_file, repair_inputs="dense")
-    raw, fixed = scorer.builder.raw_stack(genes), scorer.stack(genes)
-    (seam,) = seam_targets(raw, 6)
-    repairer = scorer.builder.repairer
-    errors = []
-    for stack in (raw, fixed):
-        outputs = []
-        hook = stack.modules[seam.position].register_forward_hook(lambda _m, _a, out: outputs.append(out))
-        with layer_view(scorer.model, stack.modules, stack.layer_types), torch.no_grad():
-            for batch in repairer._batches():
-                scorer.model.model(input_ids=batch, use_cache=False)
-        hook.remove()
-        errors.append(sum(float((o - d).pow(2).sum()) for o, d in zip(outputs, repairer.dense_after(seam.target))))
     assert errors[1] < 0.9 * errors[0], errors
 
 
