@@ -58,7 +58,7 @@ class SlowWorker(EvaluatorWorker):
     order and an actor can be killed while it holds one."""
 
     def evaluate(self, population, tokens=None):
-        time.sleep(2.0 if FIRST in map(tuple, population) else 0.3)
+        time.sleep(4.0 if FIRST in map(tuple, population) else 0.3)
         return super().evaluate(population, tokens)
 
 
@@ -110,7 +110,7 @@ def test_results_follow_their_individuals_when_chunks_finish_out_of_order(slow_p
 
 
 def test_killed_actor_is_restarted_and_its_chunk_resubmitted(slow_pool, slow_actors, reference):
-    # At 0.5 s the first actor is inside its 2 s chunk (the one holding FIRST); Ray restarts it.
+    # At 0.5 s the first actor is inside its 4 s chunk (the one holding FIRST); Ray restarts it.
     killer = threading.Timer(0.5, lambda: ray.kill(slow_actors[0], no_restart=False))
     killer.start()
     scored = slow_pool.evaluate(POPULATION)
