@@ -4,6 +4,8 @@ the one-shot global plan is a prefix of the ranking, and a width pick exports, r
 as it was scored."""
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +256,14 @@ def held_out(tmp_path_factory):
     return path
 
 
+def run_readme_loading_snippet(folder):
+    """The README's loading lines, as a user pastes them, on this export."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert '"compact"' in code and len(code.splitlines()) <= 5
+    exec(code.replace('"compact"', repr(str(folder))), {})
+
+
 def test_the_one_shot_width_plan_is_scored_exported_reloaded_and_healed_as_it_was_measured(
         llama_dir, text_file, held_out, tmp_path):
     assert search(llama_dir, text_file, tmp_path, "--name", "oneshot", "--init", "width", "--gens", "0",
@@ -267,6 +277,7 @@ def test_the_one_shot_width_plan_is_scored_exported_reloaded_and_healed_as_it_wa
     report = json.loads((tmp_path / "model" / "report.json").read_text())
     assert report["loads_with"] == "gaprune"
     model = load_pruned(tmp_path / "model")
+    run_readme_loading_snippet(tmp_path / "model")
     scorer = ModelEvaluator(EvaluatorConfig.from_dict(record.extra["evaluator"]))
     stack = scorer.builder.stack(record.genes, record.units)
     with layer_view(scorer.model, stack.modules, stack.layer_types):
