@@ -328,11 +328,13 @@ def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:
 
 
 def summarize(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
-    """Per budget and method: mean, standard deviation, min and max over seeds."""
+    """Per budget and method: mean and standard deviation over the seeds whose held-out figures
+    were measured (a search interrupted before them counts once they are)."""
     out = []
     for share in sorted({r["share"] for r in rows}):
         for method in METHODS:
-            runs = [r for r in rows if r["share"] == share and r["method"] == method]
+            runs = [r for r in rows if r["share"] == share and r["method"] == method and  # held-out measured
+                    all(text in r for text in REPORT_TEXTS)]
             if not runs:
                 continue
             entry: dict[str, Any] = {"share": share, "method": method, "runs": len(runs),
