@@ -16,7 +16,7 @@ from chromosomes.genome import (
     to_string,
     validate,
 )
-from chromosomes.record import ChromosomeRecord, write_json_atomic
+from chromosomes.record import ChromosomeRecord
 from chromosomes.space import SPACES, ParameterBudget, Shape, Space
 
 __all__ = [
@@ -39,5 +39,4 @@ __all__ = [
     "to_json",
     "to_string",
     "validate",
-    "write_json_atomic",
 ]

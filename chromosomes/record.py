@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chromosomes.genome import ChromosomeError, LayerGene, blocks, layers_removed, to_json, validate
 from chromosomes.width import LayerUnits, check_units
+from gaprune.files import write_json_atomic
 
 FORMAT = "gaprune.chromosome"
 FORMAT_VERSION = 1
@@ -126,20 +125,3 @@ def _check_measurement(fitness: Any) -> None:
             raise ChromosomeError(f"fitness '{key}' must be an integer, got {value!r}")
         if kind is str and not isinstance(value, str):
             raise ChromosomeError(f"fitness '{key}' must be a string, got {value!r}")
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON so that a reader (or a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=1, allow_nan=False)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

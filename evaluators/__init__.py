@@ -1,4 +1,5 @@
-"""Evaluators: load a model and text, apply a chromosome (view or compact model), measure fitness."""
-from evaluators.fitness import EvaluatorConfig, Evaluator, Fitness, ModelEvaluator
+"""Evaluators: load a model and text, apply a genome (a view or a compact model), measure fitness.
 
-__all__ = ["Evaluator", "EvaluatorConfig", "Fitness", "ModelEvaluator"]
+`evaluators.config` holds the settings and imports nothing heavy; `evaluators.fitness` the
+interface the search talks to (`Evaluator`, `ModelEvaluator`, `Fitness`).
+"""

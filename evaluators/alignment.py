@@ -12,10 +12,9 @@ model's device, in fp32:
 Memory is units^2 floats (822 MB for Llama-3-8B's 14,336 units), whatever the token count.
 
 Units are then matched by an assignment that maximises their summed correlation: the Hungarian
-method (scipy's, exact, on one CPU thread: 37 s at 14,336 units here), or a greedy matching
-refined by pairwise swaps, which keeps 97 to 99 % of the optimal total and is made of
-whole-matrix steps a GPU runs in parallel (on 2 CPU threads it took 61 s; `ASSIGNMENTS`,
-experiments/alignment_scale). `auto` takes the greedy matching on a GPU above HUNGARIAN_UNITS
+method (scipy's, exact, on one CPU thread), or a greedy matching refined by pairwise swaps,
+which keeps nearly all of the optimal total and is made of whole-matrix steps a GPU runs in
+parallel (`ASSIGNMENTS`; times and totals: experiments/results/alignment_scale). `auto` takes the greedy matching on a GPU above HUNGARIAN_UNITS
 and the Hungarian method everywhere else. Finished alignments can be kept on disk
 (`AlignmentCache`), so that actors share them and a resumed run reuses them.
 """
@@ -23,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,12 +30,13 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from evaluators.config import ASSIGNMENTS
 from evaluators.families import Geometry, LayerFamily
+from gaprune.files import write_atomic
 
-ASSIGNMENTS = ("auto", "hungarian", "greedy")
-# Above this many units on a GPU `auto` matches greedily: the Hungarian method's time grows as
-# about n^2.5 on one CPU thread (0.12 s at 1,536 units, 1.6 s at 4,096, 37 s at 14,336:
-# experiments/results/alignment_scale.*), while the greedy steps run on the device.
+# Above this many units on a GPU `auto` matches greedily: the Hungarian method's time grows
+# steeply with the units on one CPU thread (experiments/results/alignment_scale.*), while the
+# greedy steps run on the device.
 HUNGARIAN_UNITS = 4096
 SWAP_PASSES = 50  # at most this many rounds of pairwise swaps after the greedy matching
 GREEDY_ROUNDS = 64  # rounds of mutually best pairs; units still unmatched (ties: dead units) go in order
@@ -260,14 +258,6 @@ class AlignmentCache:
         return Alignment(tensors["mlp_order"], tensors["group_order"], tensors["rotations"])
 
     def put(self, anchor: int, other: int, alignment: Alignment) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".align-", suffix=".safetensors", dir=self.folder)
-        os.close(handle)
-        try:
-            save_file(alignment.tensors(), temporary)
-            os.replace(temporary, self.path(anchor, other))
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path(anchor, other), lambda stream: stream.write(save(alignment.tensors())))

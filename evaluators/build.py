@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from chromosomes import Block, ChromosomeError, blocks, validate, write_json_atomic
+from chromosomes import Block, ChromosomeError, blocks, validate
 from chromosomes.width import LayerUnits, Ranking, Unit
 from evaluators.alignment import AlignmentCache, auto_align_tokens, pair_statistics, resolved_assignment
 from evaluators.families import Geometry, family_of
@@ -35,6 +35,7 @@ from evaluators.repair import SeamRepairer
 from evaluators.surgery import LayerStack, dense_layer_types, install_stack
 from evaluators.text import CalibrationSplit, text_blocks
 from evaluators.units import full_geometry, layer_shape, narrowed, output_columns, unit_importance
+from gaprune.files import write_json_atomic
 
 # Memory for cut sub-layers kept for reuse: a search revisits the same widths of the same layers.
 NARROWED_CACHE_BYTES = 2 * 1024**3

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -16,32 +15,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chromosomes import Block, ChromosomeError, blocks, validate
 from chromosomes.width import Unit
-from evaluators.alignment import ASSIGNMENTS
 from evaluators.build import Builder, calibration_split
 from evaluators.calibration import calibrated_norms
-from evaluators.cli import Settings
+from evaluators.config import EvaluatorConfig
 from evaluators.families import family_of
 from evaluators.importance import block_influence
-from evaluators.merge import MERGE_RULES
-from evaluators.models import DEFAULT_MODEL, DEVICES_HELP, decoder_layers, load_model
+from evaluators.models import decoder_layers, load_model
 from evaluators.perplexity import PrefixScorer, fidelity, final_hidden, perplexity
-from evaluators.repair import REPAIR_INPUTS, REPAIRS
 from evaluators.surgery import LayerStack, layer_view
-from evaluators.text import CALIBRATION_TEXT
-from evaluators.units import IMPORTANCE
 
 
 logger = logging.getLogger(__name__)
 
-FITNESS_KINDS = ("ppl", "kl")
-# Evaluator settings added after runs and chromosome files were saved without them, with the
-# value that reproduces what those did: widths cut before refits existed were not refitted.
-ADDED_SINCE: dict[str, object] = {"refit": False}
-
-
-def saved_evaluator(settings: dict) -> dict:
-    """Saved evaluator settings, completed with the values they ran with for settings added since."""
-    return {**settings, **{name: value for name, value in ADDED_SINCE.items() if name not in settings}}
 # A loss that is not a finite number (a broken forward pass, an overflow) is recorded as this
 # mean per-token value: finite, so that it can be checkpointed, and worse than any real model
 # (exp(700) ~ 1e304 is still a float).
@@ -62,8 +47,6 @@ class Fitness:
     perplexity: float
     nll: float  # mean negative log-likelihood per predicted token
     tokens: int  # predicted tokens it was measured on
-    seconds: float
-    calibrated: bool
     kl: float | None = None  # mean KL(dense || pruned) per predicted token, when measured
     objective: str = "ppl"  # what the search minimises: perplexity, or kl
 
@@ -103,88 +86,6 @@ class Evaluator(Protocol):
         """Every attention and MLP unit of the dense model with its importance and parameter cost:
         the ranking a narrowed layer keeps a prefix of, and what a one-shot width plan selects from."""
         ...
-
-
-@dataclass
-class EvaluatorConfig(Settings):
-    """How fitness is measured. Every field is saved with a run, so a run can be reproduced."""
-
-    kind = "evaluator setting"
-
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "the model: smollm2-135m, a Hugging Face hub id (org/name; the Hugging Face cache is used, HF_HUB_OFFLINE respected), a model folder or a .gguf file"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
-    device: str = field(default="auto", metadata={"help": DEVICES_HELP})
-    data: str = field(default=CALIBRATION_TEXT, metadata={"help": "calibration text: a named set or a .txt file"})
-    data_dir: str | None = field(default=None, metadata={"help": "local copy of the named sets (default $GAPRUNE_DATA_DIR)"})
-    seq_len: int = field(default=1024, metadata={"help": "tokens per window (1,024 matches the held-out protocol; see experiments/results/fidelity*)"})
-    score_tokens: int = field(default=4096, metadata={"help": "calibration tokens perplexity is measured on"})
-    batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
-    calib_steps: int = field(default=0, metadata={"help": "SGD steps on RMSNorm weights before scoring (0: off)"})
-    calib_batch: int = field(default=1, metadata={"help": "windows per calibration step (calibration tokens = steps x batch x seq_len)"})
-    calib_lr: float = field(default=0.01, metadata={"help": "calibration learning rate (plain SGD, gradient norm clipped to 1)"})
-    merge_rule: str = field(default="mean", metadata={"help": "how aligned layers combine: mean or sum"})
-    align: bool = field(default=True, metadata={"help": "align layers (permutations, rotations) before merging"})
-    align_tokens: int = field(default=0, metadata={"help": "calibration tokens for the alignment statistics (0: as many as the MLP has units, at least 2,048, in whole windows; they are streamed, so tokens cost time, not memory)"})
-    align_method: str = field(default="auto", metadata={"help": "how MLP units are matched: hungarian (exact), greedy (mutually best pairs, then pairwise swaps, on the device) or auto (greedy on a GPU above 4,096 units, else hungarian)"})
-    align_cache: str | None = field(default=None, metadata={"help": "folder that keeps alignments for other actors and resumed runs (ga.run: the run folder's alignments/)"})
-    merge_cache_gb: float = field(default=4.0, metadata={"help": "memory for fused merge blocks kept for reuse (GiB)"})
-    repair: str = field(default="lsq", metadata={"help": "seam repair before scoring: lsq (least-squares map on the MLP output before each cut, folded into down_proj), lsq-attn (a map folded into o_proj first, then lsq), scale (LinearPatch-style channel scaling in a rotated basis) or none"})
-    repair_min_run: int = field(default=1, metadata={"help": "repair only the seams where at least this many consecutive layers were removed"})
-    repair_tokens: int = field(default=32768, metadata={"help": "calibration tokens (disjoint from the scoring ones) for the seam repair statistics"})
-    repair_inputs: str = field(default="dense", metadata={"help": "what each seam's map is fitted on: dense (the dense model's activations, so a fit is shared by every chromosome with that seam: about 1.5x an unrepaired evaluation) or pruned (the cut model's own, earlier seams repaired: better on deep cuts, one forward over the repair tokens per new chromosome)"})
-    repair_ridge: float = field(default=1e-3, metadata={"help": "seam repair ridge, relative to the mean diagonal of X^T X (shrinks the map towards the identity)"})
-    ranking: str = field(default="taylor2", metadata={"help": "how a narrowed layer chooses the units it keeps: taylor (|w * grad|), taylor2 (diagonal Fisher, w^2 * grad^2 / 2) or wanda (|w| * input norm), each summed over a unit's weights on calibration text; every width keeps a prefix of one ranking per layer"})
-    ranking_tokens: int = field(default=8192, metadata={"help": "calibration tokens the ranking's importance is measured on (once per run, kept in the run folder)"})
-    refit: bool = field(default=True, metadata={"help": "with a repair: refit a narrowed sub-layer's output projection (o_proj, down_proj) to the dense one's output by least squares"})
-    fitness: str = field(default="ppl", metadata={"help": "what the search minimises: ppl (perplexity) or kl (KL divergence from the dense model's next-token distribution)"})
-    share_prefix: bool = field(default=True, metadata={"help": "reuse hidden states of shared leading layers"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: leave torch's default)"})
-
-    def __post_init__(self) -> None:
-        positive = ("seq_len", "score_tokens", "batch_size", "calib_batch", "repair_tokens", "repair_min_run",
-                    "ranking_tokens")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        if self.score_tokens < self.seq_len:
-            raise ValueError(f"score_tokens ({self.score_tokens}) must hold at least one window of seq_len ({self.seq_len})")
-        if self.calib_steps < 0 or self.threads < 0 or self.align_tokens < 0:
-            raise ValueError("calib_steps, threads and align_tokens must not be negative")
-        if self.align_method not in ASSIGNMENTS:
-            raise ValueError(f"align_method must be one of {', '.join(ASSIGNMENTS)}, got {self.align_method!r}")
-        if not (self.merge_cache_gb > 0 and math.isfinite(self.merge_cache_gb)):
-            raise ValueError(f"merge_cache_gb must be a positive number, got {self.merge_cache_gb!r}")
-        if not (self.calib_lr > 0 and math.isfinite(self.calib_lr)):
-            raise ValueError(f"calib_lr must be a positive number, got {self.calib_lr!r}")
-        if self.repair not in REPAIRS:
-            raise ValueError(f"repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
-        if self.repair_inputs not in REPAIR_INPUTS:
-            raise ValueError(f"repair_inputs must be one of {', '.join(REPAIR_INPUTS)}, got {self.repair_inputs!r}")
-        if not (self.repair_ridge >= 0 and math.isfinite(self.repair_ridge)):
-            raise ValueError(f"repair_ridge must be a non-negative number, got {self.repair_ridge!r}")
-        if self.fitness not in FITNESS_KINDS:
-            raise ValueError(f"fitness must be one of {', '.join(FITNESS_KINDS)}, got {self.fitness!r}")
-        if self.merge_rule not in MERGE_RULES:
-            raise ValueError(f"merge_rule must be one of {', '.join(MERGE_RULES)}, got {self.merge_rule!r}")
-        if self.ranking not in IMPORTANCE:
-            raise ValueError(f"ranking must be one of {', '.join(IMPORTANCE)}, got {self.ranking!r}")
-
-    @property
-    def score_blocks(self) -> int:
-        return self.score_tokens // self.seq_len
-
-    @property
-    def repair_blocks(self) -> int:
-        return -(-self.repair_tokens // self.seq_len) if self.repair != "none" else 0
-
-    def tune_blocks(self, align_tokens: int) -> int:
-        """Blocks after the scoring ones, for norm calibration, alignment (on `align_tokens`, the
-        resolved count), repair statistics and the units' ranking."""
-        return max(-(-align_tokens // self.seq_len), self.calib_steps * self.calib_batch, self.repair_blocks,
-                   -(-self.ranking_tokens // self.seq_len))
 
 
 def _sort_key(block: Block) -> tuple:
@@ -321,7 +222,6 @@ class ModelEvaluator:
         return self._reference
 
     def _score(self, scorer: PrefixScorer, stack: LayerStack) -> Fitness:
-        start = time.perf_counter()
         c = self.config
         if c.calib_steps:
             with layer_view(self.model, stack.modules, stack.layer_types), \
@@ -331,4 +231,4 @@ class ModelEvaluator:
             total, divergence, count = scorer.losses(stack, share=c.share_prefix)
         mean = finite_loss(total / count)
         kl = None if divergence is None else finite_loss(divergence / count)
-        return Fitness(math.exp(mean), mean, count, time.perf_counter() - start, bool(c.calib_steps), kl, c.fitness)
+        return Fitness(math.exp(mean), mean, count, kl, c.fitness)

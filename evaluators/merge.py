@@ -36,14 +36,14 @@ from torch import nn
 
 from chromosomes import Block
 from evaluators.alignment import Alignment, AlignmentCache, Moments, compute_alignment
+from evaluators.config import MERGE_RULES
 from evaluators.families import Geometry, LayerFamily, LayoutError, Params
 
 MergeRule = Literal["mean", "sum"]
-MERGE_RULES: tuple[str, ...] = ("mean", "sum")
 # An aligned layer may change what it adds to its input by at most this much (relative, fp32):
-# permutations and rotations are exact up to rounding (measured below 1e-6 on every supported family).
+# permutations and rotations are exact up to rounding (tests/test_merge.py checks every supported family).
 ALIGNMENT_TOLERANCE = 1e-4
-PROBE_TOKENS = 32  # calibration tokens the check runs each aligned layer on
+PROBE_TOKENS = 32  # calibration tokens a layout check runs on (each aligned layer, each repaired family)
 
 
 class MergeError(ValueError):

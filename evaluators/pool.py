@@ -42,7 +42,8 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryEr
 
 from chromosomes import validate
 from chromosomes.width import Unit
-from evaluators.fitness import DeviceMemoryError, Evaluator, EvaluatorConfig, Fitness, ModelEvaluator
+from evaluators.config import EvaluatorConfig
+from evaluators.fitness import DeviceMemoryError, Evaluator, Fitness, ModelEvaluator
 from evaluators.models import ModelLoadError, model_folder
 from evaluators.workers import AUTO, Cluster, WorkerConfig, WorkerPlan, plan_workers
 
@@ -390,7 +391,7 @@ def ray_connection(address: str | None) -> Iterator[None]:
         return
     if address is None:
         # A local Ray starts its workers at nice 15; evaluation is this process's real work, and
-        # on a shared machine a niced actor was measured to get under a tenth of a core.
+        # on a shared machine a niced actor gets a small share of a core.
         os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         ray.init(address=address, include_dashboard=False)

@@ -47,13 +47,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from evaluators.config import REPAIR_INPUTS, REPAIRS
 from evaluators.families import LayerFamily, LayoutError
+from evaluators.merge import PROBE_TOKENS
 from evaluators.perplexity import Replay
 from evaluators.surgery import LayerStack, dense_layer_types, layer_view
 
-REPAIRS: tuple[str, ...] = ("none", "lsq", "lsq-attn", "scale")
-REPAIR_INPUTS: tuple[str, ...] = ("pruned", "dense")
-PROBE_TOKENS = 32  # tokens the layout check runs on
 
 # Memory for cached fits (each a new down_proj, and with pruned inputs the repaired block's output
 # on the repair tokens): an 8B model's down_proj alone is 117 MB in bf16, so count bytes, not fits.

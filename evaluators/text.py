@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +21,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from evaluators.models import cache_dir
+from gaprune.files import write_atomic
 
-CALIBRATION_TEXT = "wikitext2-tok:calib"
-DEV_TEXTS = ("wikitext2-tok:dev", "ptb:validation")
-REPORT_TEXTS = ("wikitext2:test", "ptb:test")
 
 
 class TextError(ValueError):
@@ -122,11 +119,7 @@ def token_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     if path.is_file():
         return torch.from_numpy(np.load(path))
     ids = np.asarray(tokenizer(text, verbose=False)["input_ids"], dtype=np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".npy", dir=path.parent)
-    with os.fdopen(handle, "wb") as stream:
-        np.save(stream, ids)
-    os.replace(temporary, path)
+    write_atomic(path, lambda stream: np.save(stream, ids))
     return torch.from_numpy(ids)
 
 

@@ -29,10 +29,10 @@ from transformers import PreTrainedModel
 
 from chromosomes import Shape
 from chromosomes.width import LayerUnits, Unit
+from evaluators.config import IMPORTANCE
 from evaluators.families import Geometry, LayerFamily, family_of
 from evaluators.models import decoder_layers
 
-IMPORTANCE = ("taylor", "taylor2", "wanda")
 
 
 class WidthError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from evaluators.cli import Settings
+from gaprune.options import Settings
 
 LOCAL = "local"
 AUTO = "auto"

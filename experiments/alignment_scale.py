@@ -136,7 +136,8 @@ def smollm2_pairs(args: argparse.Namespace, pairs: Sequence[tuple[int, int]]) ->
     from chromosomes import Gene
     from evaluators.alignment import pair_statistics
     from evaluators.families import Geometry
-    from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+    from evaluators.config import EvaluatorConfig
+    from evaluators.fitness import ModelEvaluator
 
     rows = []
     evaluators = {method: ModelEvaluator(EvaluatorConfig(data_dir=args.data_dir, align_method=method, repair="none",

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from chromosomes import blocks, write_json_atomic
+from chromosomes import blocks
 from evaluators.fitness import Fitness
 from experiments.report import save_results
 from ga.board import MAP_GENERATIONS, best_map, frequency_map
 from ga.checkpoint import CHECKPOINT_FORMAT, RunFolder
 from ga.config import SearchConfig
 from ga.engine import evolve
+from gaprune.files import write_json_atomic
 
 LAYERS = 30
 REMOVED = 8
@@ -46,7 +47,7 @@ class SyntheticEvaluator:
         for genes in population:
             runs = len(blocks(genes))
             cost = sum((i * 7919) % 13 for i, g in enumerate(genes) if g != 1) + runs + (tokens or 0) % 3
-            out.append(Fitness(float(20 + cost), float(cost), 4092, 0.0, False))
+            out.append(Fitness(float(20 + cost), float(cost), 4092))
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -22,7 +22,8 @@ import time
 from typing import Any, Sequence
 
 from chromosomes import to_string
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.config import EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
 from experiments.report import save_results
 from ga.config import SearchConfig
 from ga.engine import width_seed

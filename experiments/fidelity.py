@@ -22,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from chromosomes import from_string, layers_removed
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.config import DEV_TEXTS, EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
 from evaluators.perplexity import nll_of_hidden
 from evaluators.surgery import layer_view
-from evaluators.text import DEV_TEXTS, text_blocks
+from evaluators.text import text_blocks
 from experiments.report import save_results
 from ga.checkpoint import RunFolder
 

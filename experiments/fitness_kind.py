@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from chromosomes import from_string
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.text import DEV_TEXTS
+from evaluators.config import DEV_TEXTS, EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
 from experiments.fidelity import spearman
 from experiments.report import RESULTS, save_results
 

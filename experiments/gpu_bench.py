@@ -34,8 +34,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from evaluators.alignment import greedy, hungarian, pair_statistics
+from evaluators.config import EvaluatorConfig
 from evaluators.families import Geometry
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.fitness import ModelEvaluator
 from experiments.report import RESULTS, save_results
 from experiments.throughput import naive_perplexity
 

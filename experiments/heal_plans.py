@@ -23,15 +23,14 @@ from typing import Any, Sequence
 
 import torch
 
-from evaluators.cli import fail
+from evaluators.config import DEV_TEXTS, REPAIRS
 from evaluators.models import ModelLoadError
 from experiments.report import save_results
 from finetune.checkpoint import CheckpointError
 from finetune.config import PLANS, HealConfig
 from finetune.heal import prepare, run
 from finetune.output import OutputError
-from evaluators.repair import REPAIRS
-from evaluators.text import DEV_TEXTS
+from gaprune.options import fail
 
 INPUT_ERRORS = (ValueError, ModelLoadError, OutputError, CheckpointError)
 

@@ -21,14 +21,16 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from chromosomes import ParameterBudget, Space, from_string, to_string, write_json_atomic
+from chromosomes import ParameterBudget, Space, to_string
 from chromosomes.width import counts_left, select_global
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.text import DEV_TEXTS, text_blocks
+from evaluators.config import DEV_TEXTS, EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
+from evaluators.text import text_blocks
 from experiments.report import save_results
 from ga.checkpoint import RunFolder
 from ga.config import SearchConfig
 from ga.engine import evaluations_spent, evolve
+from gaprune.files import write_json_atomic
 
 EVALUATOR_FIELDS = {f.name for f in fields(EvaluatorConfig)}
 

@@ -12,8 +12,8 @@ import time
 from typing import Any, Sequence
 
 from chromosomes import Gene
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.text import CALIBRATION_TEXT
+from evaluators.config import CALIBRATION_TEXT, EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
 from experiments.report import RESULTS, save_results
 
 

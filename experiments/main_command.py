@@ -64,13 +64,13 @@ def run_timed(command: list[str]) -> tuple[int, float, float, str]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.main_command", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs", help="folder for the run folder (main-command-<time>)")
+    parser.add_argument("--out", default="runs", help="folder that gets the run folder (main-command-<time>)")
     parser.add_argument("--output", default="main_command", help="stem of the files under experiments/results")
     args = parser.parse_args(argv)
 
     name = time.strftime("main-command-%Y%m%d-%H%M%S")
     arguments = readme_command()
-    command = [sys.executable, "-m", "ga.run", *arguments, "--out", args.out, "--name", name]
+    command = [sys.executable, "-m", "ga.run", *arguments, "--out", str(Path(args.out) / name)]
     status, seconds, first_output, stdout = run_timed(command)
     if status != 0:
         raise SystemExit(f"error: the main command exited with status {status}")

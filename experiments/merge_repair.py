@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chromosomes import Gene, from_string
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.text import DEV_TEXTS, text_blocks
+from evaluators.config import DEV_TEXTS, EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
+from evaluators.text import text_blocks
 from experiments.report import save_results
 
 

@@ -23,13 +23,13 @@ import torch
 from transformers import AutoConfig
 
 from chromosomes import budget, random_chromosome, to_string
-from evaluators.cli import fail
-from evaluators.fitness import EvaluatorConfig, Fitness
-from evaluators.models import DEFAULT_MODEL, ModelLoadError, model_folder
+from evaluators.config import CALIBRATION_TEXT, DEFAULT_MODEL, EvaluatorConfig
+from evaluators.fitness import Fitness
+from evaluators.models import ModelLoadError, model_folder
 from evaluators.pool import PoolError, RayEvaluatorPool, start_actors
-from evaluators.text import CALIBRATION_TEXT
 from evaluators.workers import WorkerPlan
 from experiments.report import save_results
+from gaprune.options import fail
 
 COLUMNS = ["layout", "actors", "threads_per_actor", "start_s", "generation_s", "evals_per_s", "speedup"]
 

@@ -19,7 +19,8 @@ import time
 from typing import Sequence
 
 from chromosomes import to_string
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.config import EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
 from experiments.report import save_results
 from ga.operators import mutate
 

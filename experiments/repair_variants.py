@@ -20,10 +20,12 @@ from typing import Any, Sequence
 
 import torch
 
-from chromosomes import from_string, write_json_atomic
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.text import DEV_TEXTS, text_blocks
+from chromosomes import from_string
+from evaluators.config import DEV_TEXTS, EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
+from evaluators.text import text_blocks
 from experiments.report import save_results
+from gaprune.files import write_json_atomic
 
 CHROMOSOMES = {
     "r8 removal importance": "111000111111000111111111100111",

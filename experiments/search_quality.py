@@ -38,13 +38,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from chromosomes import ParameterBudget, Shape, Space, from_string, to_string, write_json_atomic
+from chromosomes import Shape, Space, from_string, to_string
 from chromosomes.width import counts_left, select_global
-from evaluators.fitness import FITNESS_KINDS, EvaluatorConfig, Fitness, ModelEvaluator, saved_evaluator
+from evaluators.config import DEV_TEXTS, EvaluatorConfig, FITNESS_KINDS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS, saved_evaluator
+from evaluators.fitness import Fitness, ModelEvaluator
 from evaluators.perplexity import final_hidden
-from evaluators.repair import REPAIR_INPUTS, REPAIRS
 from evaluators.surgery import layer_view
-from evaluators.text import DEV_TEXTS, REPORT_TEXTS, text_blocks
+from evaluators.text import text_blocks
 from experiments.report import RESULTS, save_results
 from finetune.efficiency import PREFILL_TOKENS, decode, prefill, timed
 from ga.baselines import evopress_search, random_search
@@ -54,6 +54,7 @@ from ga.engine import evaluations_spent, evolve, width_seed
 from ga.problem import Problem
 from ga.run import RESUMABLE
 from ga.seeding import single_skips, skip_lowest
+from gaprune.files import write_json_atomic
 
 LAYERS = 30
 SPEED_ROUNDS = 3

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import torch
 
 from chromosomes import from_string
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.config import EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import layer_view
 from experiments.report import save_results
 from ga.checkpoint import RunFolder

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from chromosomes import write_json_atomic
+from gaprune.files import write_json_atomic
 
 FORMAT = "gaprune.heal-checkpoint"
 FORMAT_VERSION = 1

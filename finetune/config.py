@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from evaluators.cli import Settings
-from evaluators.repair import REPAIRS
-from evaluators.text import CALIBRATION_TEXT, REPORT_TEXTS
+from evaluators.config import CALIBRATION_TEXT, REPAIRS, REPORT_TEXTS
+from gaprune.options import Settings
 
 # Which projections of each decoder layer carry LoRA in each plan, as roles that the model's
 # layer family names (q_proj, or Phi-3's fused qkv_proj); every plan also trains the norm
@@ -26,7 +25,7 @@ PLANS: dict[str, tuple[str, ...]] = {
 
 # Settings that change how a run is carried out or logged but not what it computes:
 # `--resume` accepts new values for these and refuses changes to any other setting.
-RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir", "efficiency"})
+RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir", "efficiency", "measure"})
 
 
 @dataclass
@@ -81,14 +80,22 @@ class HealConfig(Settings):
     tasks_path: str | None = field(default=None, metadata={"help": "folder of extra lm-eval task YAML files (the "
                                                                    "harness's include_path)"})
     tasks_limit: int = field(default=0, metadata={"help": "at most this many examples per task (0: all)"})
-    efficiency: bool = field(default=True, metadata={"help": "measure parameters, memory and prefill/decode "
-                                                             "tokens/s of the compact model against the dense one"})
+    measure: bool | None = field(default=None, metadata={"help": "measure held-out perplexity before and after "
+                                                                 "(default: when training; --steps 0 exports "
+                                                                 "without measuring)"})
+    efficiency: bool = field(default=True, metadata={"help": "when measuring: also parameters, memory and "
+                                                             "prefill/decode tokens/s of the compact model against "
+                                                             "the dense one"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
                                                                           "pass (less memory, slower)"})
     seed: int = field(default=0, metadata={"help": "seed for the adapter initialisation, data order and dropout: "
                                                    "the same seed gives the same weights"})
 
     def __post_init__(self) -> None:
+        if self.measure is None:
+            self.measure = self.steps != 0
+        if self.eval_every and not self.measure:
+            raise ValueError("eval_every measures the held-out texts during training: it needs --measure")
         if self.plan not in PLANS:
             raise ValueError(f"plan must be one of {', '.join(PLANS)}, got {self.plan!r}")
         for name in ("rank", "alpha", "batch_size", "grad_accum", "eval_tokens", "tail_layers"):

@@ -19,22 +19,20 @@ from peft import PeftModel
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from chromosomes import ChromosomeRecord, to_string, write_json_atomic
-from evaluators.cli import say
+from chromosomes import ChromosomeRecord, to_string
+from evaluators.compact import build_compact, load_chromosome, needs_calibration_text, surgery_settings
+from evaluators.export import save_compact
 from evaluators.models import load_model, model_folder, resolve_device, resolve_dtype
 from evaluators.text import load_text, text_blocks
-from evaluators.export import save_compact
 from finetune.checkpoint import TrainState, read_state
 from finetune.config import HealConfig
-from finetune.model import (
-    attach_adapter, build_compact, check_plan_targets, check_windows, load_chromosome, needs_calibration_text,
-    surgery_settings,
-    trainable_parameters,
-)
 from finetune.efficiency import compare, folder_bytes
+from finetune.model import attach_adapter, check_plan_targets, check_windows, trainable_parameters
 from finetune.output import OutputError, OutputFolder
 from finetune.train import Measurements, log_measurements, measure, train
 from finetune.zero_shot import Scores, TaskError, check_tasks, zero_shot
+from gaprune.files import write_json_atomic
+from gaprune.options import say
 
 REPORT_FORMAT = "gaprune.heal-report"
 REPORT_VERSION = 1
@@ -56,6 +54,7 @@ class Prepared:
     eval_blocks: dict[str, torch.Tensor]  # held-out text -> [n, eval_seq_len] windows
     state: TrainState  # fresh, or the checkpoint's when resuming
     resume_from: Path | None  # the checkpoint folder to resume from
+    settings: dict[str, Any]  # the command's settings as a run file, saved as settings.json
 
 
 def resolve_precision(config: HealConfig) -> tuple[torch.device, torch.dtype]:
@@ -83,7 +82,7 @@ def resumed_state(folder: OutputFolder, config: HealConfig) -> tuple[TrainState,
 
 
 def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace: bool = False,
-            resume: bool = False) -> Prepared:
+            resume: bool = False, settings: dict[str, Any] | None = None) -> Prepared:
     """Check every input and read the texts; raises with a message that names the problem."""
     record, spec = load_chromosome(chromosome, config.model)
     check_windows(config, spec)
@@ -106,9 +105,9 @@ def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace
     tokenizer = AutoTokenizer.from_pretrained(model_folder(spec))
     train_blocks = text_blocks(config.data, tokenizer, config.seq_len, data_dir=config.data_dir)
     eval_blocks = {name: text_blocks(name, tokenizer, config.eval_seq_len, config.eval_tokens, config.data_dir)
-                   for name in config.eval_text_names}
+                   for name in config.eval_text_names} if config.measure else {}
     return Prepared(record, spec, config, folder, replace, device, dtype, tokenizer, train_blocks, eval_blocks,
-                    state, resume_from)
+                    state, resume_from, settings or {"healing": config.to_dict()})
 
 
 def check_harness(config: HealConfig) -> None:
@@ -177,7 +176,7 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
     board.add_text("config", f"```\n{config.to_dict()}\n```", p.state.step)
 
     # -- measure before healing ---------------------------------------------------------------
-    if p.resume_from is None:
+    if p.resume_from is None and config.measure:
         say(f"measuring held-out perplexity ({', '.join(p.eval_blocks)})", progress)
         p.state.before = measure(model, p.eval_blocks, config.batch_size, p.dtype, progress)
         log_measurements(board, p.state.before, 0)
@@ -194,8 +193,9 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
             save_adapter(adapted, p.folder.staging / "adapter",
                          f"gaprune-compact:{to_string(p.record.genes)}:{p.spec}")
         final = merged_model(adapted, p.dtype)
-        after = measure(final, p.eval_blocks, config.batch_size, p.dtype, progress)
-        log_measurements(board, after, config.steps)
+        after = measure(final, p.eval_blocks, config.batch_size, p.dtype, progress) if config.measure else None
+        if after is not None:
+            log_measurements(board, after, config.steps)
         zero_shot_after = measure_tasks(p, final, progress)
     else:
         final, state, after, zero_shot_after = model, p.state, None, None
@@ -206,12 +206,13 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
     loads_with = save_compact(final, p.folder.staging)
     p.tokenizer.save_pretrained(p.folder.staging)
     board.close()
-    efficiency = measure_efficiency(p, final, progress) if config.efficiency else None
+    efficiency = measure_efficiency(p, final, progress) if config.measure and config.efficiency else None
     zero_shot_scores = None if state.zero_shot_before is None else {"before": state.zero_shot_before,
                                                                      "after": zero_shot_after}
     report = build_report(p, state, after, counts, efficiency, zero_shot_scores, time.perf_counter() - started)
     report["loads_with"] = loads_with  # transformers (from_pretrained), or gaprune (evaluators.export.load_pruned)
     p.record.save(p.folder.staging / "chromosome.json")
+    write_json_atomic(p.folder.staging / "settings.json", p.settings)
     write_json_atomic(p.folder.staging / "report.json", report)
     p.folder.publish(p.replace)
     return report

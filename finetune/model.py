@@ -1,53 +1,26 @@
-"""The compact model a chromosome describes, and what heals it: a peft adapter, or (plan tail)
-the model's own last layers and head.
-
-The compact model is cut by the evaluators' own `Builder`, with the merge, width and repair
-settings the search used, so the model trained here is the very model the GA scored.
-Everything that can be checked without weights (file format, depth, window lengths, merge
-settings) is checked first, so that a bad input fails in a second, not after a model load.
+"""What heals a compact model (`evaluators.compact` cuts it): a peft adapter, or (plan tail) the
+model's own last layers and head. Everything that can be checked without weights (window
+lengths, the plan's targets) is checked first, so that a bad input fails in a second.
 """
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from chromosomes import ChromosomeError, ChromosomeRecord, Gene
-from evaluators.build import Builder, calibration_split
+from evaluators.compact import base_model_config
 from evaluators.families import family_of
-from evaluators.fitness import EvaluatorConfig, saved_evaluator
-from evaluators.models import decoder_layers, load_model, model_folder, skeleton
+from evaluators.models import decoder_layers, skeleton
 from finetune.config import HealConfig
-
-
-def base_model_config(spec: str) -> dict[str, Any]:
-    """The base model's config.json: its depth and context length, read without loading weights."""
-    return json.loads((model_folder(spec) / "config.json").read_text())
-
-
-def load_chromosome(path: str | Path, spec: str | None) -> tuple[ChromosomeRecord, str]:
-    """The chromosome and the model spec it is applied to, refusing a chromosome made for another depth."""
-    record = ChromosomeRecord.load(path)
-    spec = spec or record.model
-    depth = base_model_config(spec).get("num_hidden_layers")
-    if record.num_layers != depth:
-        raise ChromosomeError(
-            f"{path}: chromosome was made for a model with {record.num_layers} decoder layers, "
-            f"but {spec} has {depth}"
-        )
-    return record, spec
 
 
 def check_windows(config: HealConfig, spec: str) -> None:
     """Refuse windows longer than the model's context: the positions beyond it were never trained."""
     context = base_model_config(spec).get("max_position_embeddings")
-    for name in ("seq_len", "eval_seq_len"):
+    used = ("seq_len",) * bool(config.steps) + ("eval_seq_len",) * bool(config.measure)
+    for name in used:
         if context is not None and getattr(config, name) > context:
             raise ValueError(f"{name} ({getattr(config, name)}) exceeds the context of {spec} ({context} tokens)")
 
@@ -70,38 +43,6 @@ def check_plan_targets(config: HealConfig, spec: str) -> None:
 def lora_targets(model: PreTrainedModel, config: HealConfig) -> tuple[str, ...]:
     """The module names (as peft matches them) that hold the plan's projections in this model."""
     return family_of(model).lora_targets(config.lora_roles)
-
-
-def surgery_settings(record: ChromosomeRecord, spec: str, config: HealConfig) -> EvaluatorConfig:
-    """The search's merge and repair settings (saved in best.json; defaults for a hand-written
-    file), on this machine's model, device and data, with --repair overriding the recorded one.
-    The search's alignments are read from its run folder while that folder is there."""
-    saved = record.extra.get("evaluator")
-    if saved is not None and not isinstance(saved, dict):
-        raise ChromosomeError("the chromosome file's extra.evaluator must be an object of evaluator settings")
-    searched = EvaluatorConfig.from_dict(saved_evaluator(saved)) if saved else EvaluatorConfig(model=record.model)
-    store = searched.align_cache if searched.align_cache and Path(searched.align_cache).is_dir() else None
-    return replace(searched, model=spec, dtype=config.dtype, device=config.device, threads=0,
-                   data_dir=config.data_dir, repair=config.repair or searched.repair, align_cache=store)
-
-
-def needs_calibration_text(record: ChromosomeRecord, settings: EvaluatorConfig) -> bool:
-    """Merging (alignment statistics), repairs (least-squares statistics) and a width genome without
-    its units (the ranking) read the calibration text."""
-    return Gene.MERGE in record.genes or settings.repair != "none" or \
-        record.units is None and any(isinstance(gene, tuple) for gene in record.genes)
-
-
-def build_compact(
-    record: ChromosomeRecord, spec: str, config: HealConfig
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base model and cut it to the chromosome (merged, narrowed to its units and
-    repaired as the search did)."""
-    settings = surgery_settings(record, spec, config)
-    model, tokenizer = load_model(spec, config.dtype, config.device)
-    tune = calibration_split(settings, tokenizer, model).tune if needs_calibration_text(record, settings) else None
-    builder = Builder(model, tune, settings, settings.batch_size)
-    return builder.compact(record.genes, record.units), tokenizer
 
 
 def norm_module_names(model: PreTrainedModel, include_qk: bool) -> list[str]:

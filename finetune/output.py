@@ -35,7 +35,7 @@ class OutputFolder:
             raise OutputError(f"nothing to resume: {self.staging} holds no checkpoint of a run for {self.path}")
         if has_checkpoint and not resume:
             raise OutputError(f"an interrupted run for {self.path} is checkpointed in {self.staging}: add --resume "
-                              "to continue it, or delete that folder to start over")
+                              f"{self.path} to continue it, or delete that folder to start over")
 
     def open(self, resume: bool) -> None:
         """Create the staging folder; a fresh run clears what a run that never checkpointed left there."""

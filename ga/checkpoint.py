@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from chromosomes import write_json_atomic
+from gaprune.files import write_json_atomic
 
 CHECKPOINT_FORMAT = "gaprune.checkpoint"
 CHECKPOINT_VERSION = 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chromosomes import SPACES, budget
-from evaluators.cli import Settings
+from gaprune.options import Settings
 
 INITS = ("random", "importance", "influence", "width", "mix")
 WIDTH_INITS = ("width", "mix")  # seeds that need a space with widths
@@ -68,6 +68,10 @@ class SearchConfig(Settings):
             raise ValueError(f"screen_factor must be at least 1, got {self.screen_factor}")
         if self.remove is not None and self.ratio is not None:
             raise ValueError("give --remove or --ratio, not both")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
+            raise ValueError(f"ratio must lie strictly between 0 and 1, got {self.ratio!r}")
+        if self.remove is not None and not (isinstance(self.remove, int) and self.remove >= 1):
+            raise ValueError(f"remove must be a positive number of layers, got {self.remove!r}")
         layer_budget = self.remove is not None or self.ratio is not None
         if self.space is None:
             self.space = "layers" if layer_budget else "joint"

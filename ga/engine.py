@@ -22,7 +22,6 @@ from deap import algorithms, base, tools
 from chromosomes import ChromosomeRecord, LayerGene, Shape, blocks, from_string, to_string
 from chromosomes.space import Guide
 from chromosomes.width import Ranking, counts_left, select_global
-from evaluators.cli import say
 from evaluators.fitness import Evaluator, Fitness
 from ga.board import Board
 from ga.checkpoint import RunError, RunFolder, restore_rng, rng_state_to_json
@@ -30,6 +29,7 @@ from ga.config import SearchConfig, saved_search
 from ga.operators import gene_frequencies, mean_pairwise_hamming
 from ga.problem import Problem
 from ga.seeding import drop_weights, single_skips, skip_lowest
+from gaprune.options import say
 
 
 # Single-layer removals scored per call while seeding, per chromosome the evaluator scores at

@@ -6,9 +6,10 @@ cut is repaired in closed form before it is scored. --space layers searches whol
 skip, keep or merge under a budget of layers (--remove or --ratio). With --gens 0 the one-shot
 seed (--init) is scored alone: the one-shot global width plan, say, with --init width.
 
-Writes runs/<name>/ with config.json, checkpoint.json (after every generation), best.json,
-TensorBoard logs in tb/, and at the end summary.json and summary.png. `--resume runs/<name>`
-continues a stopped run exactly. Ctrl-C and SIGTERM keep the last checkpoint.
+Writes the run folder (--out, default runs/ga-<date>-<time>) with config.json, checkpoint.json
+(after every generation), best.json, TensorBoard logs in tb/, and at the end summary.json and
+summary.png. `--resume RUN_DIR` continues a stopped run exactly; Ctrl-C and SIGTERM keep the last
+checkpoint. A run folder's config.json is a valid --config for a new run.
 """
 from __future__ import annotations
 
@@ -18,21 +19,19 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from evaluators.cli import add_config_arguments, fail, interrupt_status, say, terminate_like_interrupt
-from evaluators.fitness import DeviceMemoryError, EvaluatorConfig, saved_evaluator
-from evaluators.models import ModelLoadError, skeleton
-from evaluators.units import check_prunable
+from evaluators.config import EvaluatorConfig, saved_evaluator
 from evaluators.workers import WorkerConfig
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig, saved_search
-from ga.engine import check_screening, evolve, stop_reason
-from ga.problem import Problem
-from ga.summary import build_summary, summary_lines, write_summary
+from gaprune.options import (
+    add_config_arguments, add_run_file_arguments, fail, interrupt_status, parse_with_run_file, print_run_file, say,
+    terminate_like_interrupt,
+)
 
-# Settings that change how a run is computed but not what it computes: --resume may change them.
-RESUMABLE = {"gens", "max_evals", "patience", "device", "threads", "batch_size", "data_dir", "share_prefix",
-             "align_cache", "merge_cache_gb"}
-_GIVEN = object()  # marks options the user did not type, so that --resume keeps the run's values
+# Settings that change how a run is computed but not what it computes: --resume may change them
+# (with the worker settings, which never change a fitness).
+RESUMABLE = frozenset({"gens", "max_evals", "patience", "device", "threads", "batch_size", "data_dir", "share_prefix",
+                       "align_cache", "merge_cache_gb"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,20 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser, EvaluatorConfig, "fitness (model, text, calibration)")
     add_config_arguments(parser, WorkerConfig, "workers (Ray actors; none of these changes a fitness)")
     run = parser.add_argument_group("run")
-    run.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
-    run.add_argument("--name", default=None, help="run folder name (default: ga-<date>-<time>)")
+    run.add_argument("--out", metavar="RUN_DIR", default=None,
+                     help="the run folder to write (default: runs/ga-<date>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None,
-                     help="continue the run in RUN_DIR with its saved settings; only --gens, --max-evals, "
-                          "--patience, the worker settings, --device, --threads, --batch-size, --data-dir and "
-                          "--share-prefix may change")
+                     help="continue the run in RUN_DIR with its saved settings; only the worker settings and "
+                          + ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUMABLE)) + " may change")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    add_run_file_arguments(parser)
     return parser
-
-
-def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """Names of the options the user typed (argparse leaves pre-set attributes alone)."""
-    marked = argparse.Namespace(**{action.dest: _GIVEN for action in parser._actions})
-    return {name for name, value in vars(parser.parse_args(argv, namespace=marked)).items() if value is not _GIVEN}
 
 
 def _section(cls: type, args: argparse.Namespace, base: dict[str, Any], given: set[str]) -> dict[str, Any]:
@@ -76,6 +69,8 @@ def refuse_changed_settings(args: argparse.Namespace, given: set[str], saved: di
 def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[RunFolder, dict[str, Any]]:
     """The run folder and its configuration: new from the options, or the saved one with overrides."""
     if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise RunError(f"--resume {args.resume} continues that run folder: --out {args.out} names another")
         folder = RunFolder(args.resume)
         saved = folder.read_config()
         search, evaluator = saved_search(saved["search"]), saved_evaluator(saved["evaluator"])
@@ -85,15 +80,14 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[RunFolder, dict
             "evaluator": _section(EvaluatorConfig, args, evaluator, given),
             "runtime": _section(WorkerConfig, args, WorkerConfig.from_dict(saved.get("runtime", {})).to_dict(), given),
         }
-        return folder, with_alignment_store(config, folder)
+        return folder, config
     everything = set(vars(args))
     config = {
         "search": _section(SearchConfig, args, {}, everything),
         "evaluator": _section(EvaluatorConfig, args, {}, everything),
         "runtime": _section(WorkerConfig, args, {}, everything),
     }
-    folder = RunFolder(Path(args.out) / (args.name or time.strftime("ga-%Y%m%d-%H%M%S")))
-    return folder, with_alignment_store(config, folder)
+    return RunFolder(Path(args.out or time.strftime("runs/ga-%Y%m%d-%H%M%S"))), config
 
 
 def with_alignment_store(config: dict[str, Any], folder: RunFolder) -> dict[str, Any]:
@@ -108,19 +102,35 @@ def with_alignment_store(config: dict[str, Any], folder: RunFolder) -> dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        folder, config = plan_run(args, given_options(parser, argv))
+    args, given = parse_with_run_file(parser, argv)
+    try:  # settings first: a wrong one is answered before torch, Ray or the model load
+        folder, config = plan_run(args, given)
+        config = with_alignment_store(config, folder) if not args.print_config else config
         search = SearchConfig.from_dict(config["search"])
         evaluator_config = EvaluatorConfig.from_dict(config["evaluator"])
         workers = WorkerConfig.from_dict(config["runtime"])
+    except (RunError, ValueError) as error:
+        fail(str(error))
+    config = {"search": search.to_dict(), "evaluator": evaluator_config.to_dict(), "runtime": workers.to_dict()}
+    if args.print_config:  # resolved: the defaults that depend on other settings are filled in
+        print_run_file(config)
+        return 0
+    from evaluators.fitness import DeviceMemoryError
+    from evaluators.models import ModelLoadError, skeleton
+    from evaluators.text import load_text
+    from evaluators.units import check_prunable
+    try:
         if not args.resume:
             folder.refuse_existing()
+        load_text(evaluator_config.data, evaluator_config.data_dir)  # a missing text fails before Ray starts
         if search.widths:  # a model that cannot be cut in width is refused before its weights load
             check_prunable(skeleton(evaluator_config.model))
     except (RunError, ValueError, ModelLoadError) as error:  # ChromosomeError and TextError are ValueErrors
         fail(str(error))
     from evaluators.pool import PoolError, open_evaluator  # Ray is imported only once the options are sound
+    from ga.engine import check_screening, evolve, stop_reason
+    from ga.problem import Problem
+    from ga.summary import build_summary, summary_lines, write_summary
 
     provenance = {"run": folder.path.name, "search": search.to_dict(), "evaluator": evaluator_config.to_dict()}
     started = time.perf_counter()

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from chromosomes import Gene, LayerGene, Shape, blocks, from_string, to_string, write_json_atomic
+from chromosomes import Gene, LayerGene, Shape, blocks, from_string, to_string
 from evaluators.fitness import Fitness
+from gaprune.files import write_json_atomic
 
 LAYERS_PER_LINE = 6  # of the architecture lines
 
@@ -61,8 +62,8 @@ def build_summary(state: Any, definition: dict[str, Any], dense: Fitness, stop: 
         "curve": [record["best"] for record in state.logbook],
         "generations": state.generation, "evaluations": state.evaluations, "seconds": seconds,
         "stopped_because": stop,
-        "next": f"python -m finetune.best --chromosome {best_path}",
-        "export_only": f"python -m finetune.best --chromosome {best_path} --steps 0 --out {best_path.parent / 'compact'}",
+        "next": f"gaprune heal --chromosome {best_path}",
+        "export_only": f"gaprune export --chromosome {best_path} --out {best_path.parent / 'compact'}",
     }
 
 

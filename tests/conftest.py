@@ -23,6 +23,14 @@ def text_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def held_out(tmp_path_factory) -> Path:
+    """Text of the training grammar that training never reads."""
+    path = tmp_path_factory.mktemp("held") / "held.txt"
+    path.write_text(grammar_text(800, seed=2))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """A saved tiny model folder per family."""
     root = tmp_path_factory.mktemp("models")

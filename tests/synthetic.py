@@ -25,7 +25,7 @@ class PlantedEvaluator:
             (self.calls if tokens is None else self.screened)[to_string(genes)] += 1
             distance = sum(a != b for a, b in zip(genes, self.target))
             ppl = 10.0 + distance + 0.01 * sum(i * g for i, g in enumerate(genes)) / self.num_layers
-            results.append(Fitness(ppl, math.log(ppl), 100, 0.0, False))
+            results.append(Fitness(ppl, math.log(ppl), 100))
         return results
 
     def block_influence(self) -> list[float]:

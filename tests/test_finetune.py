@@ -14,26 +14,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import finetune.heal
 import finetune.train
 from chromosomes import ChromosomeRecord
+from evaluators.compact import build_compact
+from evaluators.config import EvaluatorConfig
 from evaluators.families import family_of
-from evaluators.fitness import EvaluatorConfig
 from evaluators.models import load_model
 from evaluators.text import text_blocks
 from finetune.best import main
 from finetune.config import HealConfig
-from finetune.model import attach_adapter, build_compact, trainable_parameters
+from finetune.model import attach_adapter, trainable_parameters
 from finetune.train import measure
 from tests.tiny import cut_layers, grammar_text
 
 SKIP_ONLY = (1, 0, 1, 1, 0, 1)
 WITH_MERGE = (1, 2, 1, 0, 1, 2)
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
-    """Text of the training grammar that training never reads."""
-    path = tmp_path_factory.mktemp("held") / "held.txt"
-    path.write_text(grammar_text(800, seed=2))
-    return path
 
 
 def chromosome(folder, genes, model_dir, text_file):
@@ -140,10 +133,10 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(
         main(options(best, tmp_path / "cut", text_file, held_out, *settings))
     assert fresh.value.code == 2 and "add --resume" in capsys.readouterr().err
     with pytest.raises(SystemExit) as changed:
-        main(options(best, tmp_path / "cut", text_file, held_out, *settings, "--lr", "0.5", "--resume"))
+        main(options(best, tmp_path / "cut", text_file, held_out, *settings, "--lr", "0.5", "--resume", str(tmp_path / "cut")))
     assert changed.value.code == 2 and "--lr 0.5 (run has 0.01)" in capsys.readouterr().err
 
-    assert main(options(best, tmp_path / "cut", text_file, held_out, *settings, "--resume")) == 0
+    assert main(options(best, tmp_path / "cut", text_file, held_out, *settings, "--resume", str(tmp_path / "cut"))) == 0
     whole, cut = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "cut"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[key], cut[key]) for key in whole)
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("whole", "cut")]
@@ -284,7 +277,8 @@ BAD_INPUTS = [  # extra options (or another chromosome), words the error must co
     ((["--eval-tokens", "10"]), "must hold at least one window"),
     ((["--dtype", "int8"]), "unknown dtype 'int8'"),
     ((["--out", "TAKEN"]), "already exists: choose another --out, or pass --replace"),
-    ((["--resume"]), "nothing to resume"),
+    ((["--resume", "OUT"]), "nothing to resume"),
+    ((["--resume", "TAKEN"]), "--out"),
     ((["--data", "no-such-text"]), "unknown text 'no-such-text'"),
 ]
 
@@ -294,7 +288,7 @@ def test_bad_inputs_fail_early_with_a_clear_message_and_lose_nothing(change, mes
     if isinstance(change, dict):
         argv = inputs(chromosome=tmp_path / change["chromosome"])
     else:
-        extra = [str(tmp_path / "taken") if part == "TAKEN" else part for part in change]
+        extra = [str(tmp_path / {"TAKEN": "taken", "OUT": "out"}[part]) if part.isupper() else part for part in change]
         argv = inputs(*extra)
     with pytest.raises(SystemExit) as failure:
         main(argv)
@@ -323,7 +317,7 @@ def test_steps_0_exports_the_repaired_compact_model_untrained_with_its_efficienc
     best = tmp_path / "hand.json"
     best.write_text(json.dumps({"format": "gaprune.chromosome", "format_version": 1, "genes": list(SKIP_ONLY),
                                 "model": str(llama_dir), "num_layers": 6}))
-    argv = options(best, tmp_path / "compact", text_file, held_out, "--steps", "0")
+    argv = options(best, tmp_path / "compact", text_file, held_out, "--steps", "0", "--measure")
     assert main(argv) == 0
     report = json.loads((tmp_path / "compact" / "report.json").read_text())
     assert report["after"] is None and report["training"]["steps"] == 0
@@ -373,7 +367,7 @@ def test_sigterm_exits_like_ctrl_c_with_a_checkpoint_and_the_run_resumes(llama_d
     latest = checkpoints / json.loads((checkpoints / "latest.json").read_text())["folder"]
     stopped_at = json.loads((latest / "state.json").read_text())["step"]
     assert 1 <= stopped_at < 300
-    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True)
+    resumed = subprocess.run([*argv, "--resume", str(tmp_path / "out")], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((tmp_path / "out" / "report.json").read_text())["training"]["steps"] == 300
 
@@ -480,7 +474,7 @@ def test_a_lora_plan_a_family_cannot_take_is_refused_before_any_weights_load(pla
 
 
 def test_the_search_alignments_are_reused_while_its_run_folder_is_there(tmp_path):
-    from finetune.model import surgery_settings
+    from evaluators.compact import surgery_settings
 
     store = tmp_path / "run" / "alignments"
     record = lambda folder: ChromosomeRecord(  # noqa: E731

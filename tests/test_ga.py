@@ -10,14 +10,14 @@ from collections import Counter
 import pytest
 
 from chromosomes import from_string, layers_removed, to_string, validate
-from evaluators.cli import terminate_like_interrupt
+from ga import engine
 from ga.baselines import random_search
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
-from ga import engine
 from ga.engine import evolve
 from ga.operators import mutate, removed_runs
 from ga.seeding import drop_weights, skip_lowest
+from gaprune.options import terminate_like_interrupt
 from tests.synthetic import PlantedEvaluator
 
 TARGET = [1, 1, 0, 1, 2, 1, 1, 1, 0, 2, 1, 1, 1, 1, 0, 1, 1, 2, 1, 1, 0, 1, 1, 0]  # 24 layers, 8 removed
@@ -230,7 +230,7 @@ def test_max_evals_is_spent_exactly_cutting_the_last_generation_short(tmp_path):
 def test_patience_ends_a_run_that_stopped_improving_and_says_why(tmp_path):
     class Flat(PlantedEvaluator):  # every chromosome equally good: nothing ever improves
         def evaluate(self, population, tokens=None):
-            return [engine.Fitness(5.0, math.log(5.0), 100, 0.0, False) for _ in population]
+            return [engine.Fitness(5.0, math.log(5.0), 100) for _ in population]
 
     search = SearchConfig(pop=8, gens=100, remove=8, init="random", patience=3)
     state = evolve(Flat(TARGET), search, RunFolder(tmp_path / "flat"), progress=False)

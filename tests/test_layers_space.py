@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from chromosomes import ChromosomeRecord, from_string
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.config import EvaluatorConfig
+from evaluators.fitness import ModelEvaluator
 from ga.run import main
 
 DATA = Path(__file__).parent / "data" / "layers_space"

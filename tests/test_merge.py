@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from chromosomes import Block
+from evaluators.config import EvaluatorConfig
 from evaluators.alignment import (
     Alignment, AlignmentCache, Moments, auto_align_tokens, compute_alignment, greedy, group_cross, hungarian,
     improve_by_swaps, pair_statistics, resolved_assignment,
 )
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
 from evaluators.families import FAMILIES as FAMILY_REGISTRY, Geometry, discover, family_of
+from evaluators.fitness import ModelEvaluator
 from evaluators.merge import (
     ALIGNMENT_TOLERANCE, LayerMerger, MergeError, apply_alignment, build_layer, combine, folded_params,
     record_layer_inputs,

@@ -13,10 +13,11 @@ import ray
 import torch
 
 from chromosomes import ChromosomeError
-from evaluators.fitness import DeviceMemoryError, EvaluatorConfig, ModelEvaluator
+from evaluators.config import EvaluatorConfig
+from evaluators.fitness import DeviceMemoryError, ModelEvaluator
 from evaluators.pool import EvaluatorWorker, PoolError, RayEvaluatorPool, open_evaluator, start_actors
-from evaluators.workers import Cluster, WorkerConfig, WorkerPlan, plan_workers
 from evaluators.text import TextError
+from evaluators.workers import Cluster, WorkerConfig, WorkerPlan, plan_workers
 
 # Ten chromosomes of the 6-layer tiny model, skips and merges; FIRST sorts first by genes.
 FIRST = (0, 1, 1, 1, 1, 1)
@@ -76,7 +77,7 @@ def slow_pool(slow_actors):
 
 def nll_and_tokens(fitnesses):
     """Everything but the wall-clock seconds, which no two runs share."""
-    return [(f.perplexity, f.nll, f.tokens, f.calibrated) for f in fitnesses]
+    return [(f.perplexity, f.nll, f.tokens) for f in fitnesses]
 
 
 def test_pool_scores_exactly_like_the_in_process_evaluator(gpu_pool, reference, config):

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from chromosomes import blocks
-from evaluators.fitness import EvaluatorConfig, Fitness, ModelEvaluator, WORST_LOSS, finite_loss
+from evaluators.config import EvaluatorConfig
 from evaluators.families import FAMILIES
+from evaluators.fitness import Fitness, ModelEvaluator, WORST_LOSS, finite_loss
 from evaluators.repair import NormalEquations, RepairError, Seam, random_rotation, seam_targets, with_output_map
 from evaluators.surgery import LayerStack, layer_view
 

@@ -16,10 +16,10 @@ SETTINGS = ["--pop", "8", "--seq-len", "32", "--score-tokens", "1024", "--screen
 LONG = ["--patience", "0"]  # runs that must still be going when a signal arrives
 
 
-def command(llama_dir, text_file, out, *extra):
+def command(llama_dir, text_file, *extra):
     budget = [] if {"--remove", "--ratio"} & set(extra) else ["--remove", "2"]
-    return [sys.executable, "-m", "ga.run", "--model", str(llama_dir), "--data", str(text_file), "--out", str(out),
-            *SETTINGS, *budget, *extra]
+    return [sys.executable, "-m", "ga.run", "--model", str(llama_dir), "--data", str(text_file), *SETTINGS, *budget,
+            *extra]
 
 
 def finished_state(folder):
@@ -38,8 +38,8 @@ def generation_of(folder):
 def test_a_run_killed_at_any_moment_resumes_to_the_same_result(llama_dir, text_file, tmp_path):
     # Generations of this tiny search take milliseconds (most chromosomes come from the cache),
     # so the run is long and the kill lands soon after generation 2.
-    subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "60", "--name", "whole", *LONG), check=True)
-    killed = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "60", "--name", "killed", *LONG))
+    subprocess.run(command(llama_dir, text_file, "--gens", "60", "--out", str(tmp_path / "whole"), *LONG), check=True)
+    killed = subprocess.Popen(command(llama_dir, text_file, "--gens", "60", "--out", str(tmp_path / "killed"), *LONG))
     while generation_of(tmp_path / "killed") < 2:
         assert killed.poll() is None, "run ended before it could be killed"
         time.sleep(0.01)
@@ -47,7 +47,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_result(llama_dir, text_f
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert generation_of(tmp_path / "killed") < 60
-    resumed = subprocess.run(command(llama_dir, text_file, tmp_path, "--resume", str(tmp_path / "killed")),
+    resumed = subprocess.run(command(llama_dir, text_file, "--resume", str(tmp_path / "killed")),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert finished_state(tmp_path / "killed") == finished_state(tmp_path / "whole")
@@ -63,7 +63,7 @@ def test_ctrl_c_or_sigterm_exits_cleanly_with_a_checkpoint_and_the_run_continues
     # far longer than the signal can take to arrive, or it may finish first on a busy machine.
     # Ctrl-C as a terminal sends it to a foreground job: a job started in the background (as under
     # nohup or `cmd &`) inherits SIGINT ignored, and so would the run.
-    run = subprocess.Popen(command(llama_dir, text_file, tmp_path, "--gens", "100000", "--name", "int", *LONG),
+    run = subprocess.Popen(command(llama_dir, text_file, "--gens", "100000", "--out", str(tmp_path / "int"), *LONG),
                            stderr=subprocess.PIPE, text=True,
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while generation_of(tmp_path / "int") < 1:
@@ -74,23 +74,23 @@ def test_ctrl_c_or_sigterm_exits_cleanly_with_a_checkpoint_and_the_run_continues
     assert "--resume" in stderr and "Traceback" not in stderr
     stopped_at = generation_of(tmp_path / "int")
     assert 1 <= stopped_at < 100000
-    more = subprocess.run(command(llama_dir, text_file, tmp_path, "--resume", str(tmp_path / "int"), "--gens",
+    more = subprocess.run(command(llama_dir, text_file, "--resume", str(tmp_path / "int"), "--gens",
                                   str(stopped_at + 2)), capture_output=True, text=True)
     assert more.returncode == 0, more.stderr
     assert generation_of(tmp_path / "int") == stopped_at + 2
 
 
 def test_resume_with_other_settings_or_into_a_finished_run_is_refused_and_loses_nothing(llama_dir, text_file, tmp_path):
-    subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "1", "--name", "r"), check=True)
+    subprocess.run(command(llama_dir, text_file, "--gens", "1", "--out", str(tmp_path / "r")), check=True)
     config_before = (tmp_path / "r" / "config.json").read_bytes()
     checkpoint_before = (tmp_path / "r" / "checkpoint.json").read_bytes()
-    other = subprocess.run(command(llama_dir, text_file, tmp_path, "--resume", str(tmp_path / "r"), "--remove", "3"),
+    other = subprocess.run(command(llama_dir, text_file, "--resume", str(tmp_path / "r"), "--remove", "3"),
                            capture_output=True, text=True)
     assert other.returncode == 2 and "--remove 3 (run has 2)" in other.stderr
-    finished = subprocess.run(command(llama_dir, text_file, tmp_path, "--resume", str(tmp_path / "r")),
+    finished = subprocess.run(command(llama_dir, text_file, "--resume", str(tmp_path / "r")),
                               capture_output=True, text=True)
     assert finished.returncode == 2 and "already finished 1 generations" in finished.stderr
-    again = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "1", "--name", "r"),
+    again = subprocess.run(command(llama_dir, text_file, "--gens", "1", "--out", str(tmp_path / "r")),
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (tmp_path / "r" / "config.json").read_bytes() == config_before
@@ -116,7 +116,7 @@ def test_resume_with_other_settings_or_into_a_finished_run_is_refused_and_loses_
     (["--align-tokens", "-1"], "align_tokens must not be negative"),
 ])
 def test_bad_options_fail_with_a_message_naming_the_problem(llama_dir, text_file, tmp_path, extra, message):
-    result = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "1", "--name", "bad", *extra),
+    result = subprocess.run(command(llama_dir, text_file, "--gens", "1", "--out", str(tmp_path / "bad"), *extra),
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
@@ -135,11 +135,11 @@ def test_help_documents_the_options():
 
 
 def test_a_run_stops_by_patience_and_summarizes_what_the_user_got(llama_dir, text_file, tmp_path):
-    done = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "500", "--patience", "3", "--name", "p"),
+    done = subprocess.run(command(llama_dir, text_file, "--gens", "500", "--patience", "3", "--out", str(tmp_path / "p")),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "stopped: no better chromosome in 3 generations (--patience 3)" in done.stdout
-    assert "python -m finetune.best --chromosome" in done.stdout and "--steps 0" in done.stdout
+    assert "gaprune heal --chromosome" in done.stdout and "gaprune export --chromosome" in done.stdout
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["generations"] < 500 and summary["layers"]["compact"] == 4
     config = json.loads((tmp_path / "p" / "config.json").read_text())
@@ -154,7 +154,7 @@ def test_a_run_stops_by_patience_and_summarizes_what_the_user_got(llama_dir, tex
 
 
 def test_kl_fitness_is_searched_and_recorded(llama_dir, text_file, tmp_path):
-    done = subprocess.run(command(llama_dir, text_file, tmp_path, "--gens", "2", "--fitness", "kl", "--name", "kl"),
+    done = subprocess.run(command(llama_dir, text_file, "--gens", "2", "--fitness", "kl", "--out", str(tmp_path / "kl")),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     best = json.loads((tmp_path / "kl" / "best.json").read_text())

@@ -7,9 +7,9 @@ an attention-less first layer for the KV cache; repaired where the family suppor
 import pytest
 import torch
 
+from evaluators.config import EvaluatorConfig
 from evaluators.export import load_pruned, save_compact
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
-from evaluators.models import load_model
+from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import layer_view
 from tests.tiny import FAMILIES, MERGEABLE, REPAIRABLE, WIDTHS
 

@@ -12,10 +12,10 @@ import torch
 
 from chromosomes import ChromosomeError, ChromosomeRecord, blocks
 from chromosomes.width import LayerUnits, Ranking, Unit, counts_left, select_global
-from evaluators.build import Builder
+from evaluators.config import EvaluatorConfig
 from evaluators.export import load_pruned
 from evaluators.families import family_of
-from evaluators.fitness import EvaluatorConfig, ModelEvaluator
+from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import install_layers, layer_view
 from evaluators.units import NoAttention, full_geometry, layer_shape, narrowed, unit_importance
 from tests.tiny import FAMILIES, REPAIRABLE, WIDTHS
@@ -248,14 +248,6 @@ def heal(best, out, text_file, held_out, *extra):
                  "--warmup", "1", "--no-efficiency", "--no-progress", *extra])
 
 
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
-    from tests.tiny import grammar_text
-    path = tmp_path_factory.mktemp("held") / "held.txt"
-    path.write_text(grammar_text(800, seed=2))
-    return path
-
-
 def run_readme_loading_snippet(folder):
     """The README's loading lines, as a user pastes them, on this export."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -266,14 +258,14 @@ def run_readme_loading_snippet(folder):
 
 def test_the_one_shot_width_plan_is_scored_exported_reloaded_and_healed_as_it_was_measured(
         llama_dir, text_file, held_out, tmp_path):
-    assert search(llama_dir, text_file, tmp_path, "--name", "oneshot", "--init", "width", "--gens", "0",
+    assert search(llama_dir, text_file, tmp_path / "oneshot", "--init", "width", "--gens", "0",
                   "--params", "0.3") == 0
     run = tmp_path / "oneshot"
     record = ChromosomeRecord.load(run / "best.json")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["evaluations"] == 1 and 0.3 <= summary["decoder_parameters"]["removed_share"] < 0.33
     assert record.units is not None and any(isinstance(gene, tuple) for gene in record.genes)
-    assert heal(run / "best.json", tmp_path / "model", text_file, held_out, "--steps", "0") == 0
+    assert heal(run / "best.json", tmp_path / "model", text_file, held_out, "--steps", "0", "--measure") == 0
     report = json.loads((tmp_path / "model" / "report.json").read_text())
     assert report["loads_with"] == "gaprune"
     model = load_pruned(tmp_path / "model")
@@ -293,7 +285,7 @@ def test_the_one_shot_width_plan_is_scored_exported_reloaded_and_healed_as_it_wa
 
 
 def test_a_joint_search_keeps_its_budget_and_beats_its_seed(llama_dir, text_file, tmp_path):
-    assert search(llama_dir, text_file, tmp_path, "--name", "joint", "--gens", "3", "--pop", "6",
+    assert search(llama_dir, text_file, tmp_path / "joint", "--gens", "3", "--pop", "6",
                   "--params", "0.25", "--patience", "0") == 0
     run = tmp_path / "joint"
     checkpoint = json.loads((run / "checkpoint.json").read_text())
@@ -319,14 +311,14 @@ def test_a_joint_search_keeps_its_budget_and_beats_its_seed(llama_dir, text_file
 ])
 def test_bad_width_settings_are_refused_with_a_clear_message(llama_dir, text_file, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_:
-        search(llama_dir, text_file, tmp_path, "--name", "bad", *extra)
+        search(llama_dir, text_file, tmp_path / "bad", *extra)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
 def test_a_mixture_of_experts_is_refused_widths_by_name(tiny_models, text_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        search(tiny_models["mixtral"], text_file, tmp_path, "--name", "moe", "--space", "sublayers")
+        search(tiny_models["mixtral"], text_file, tmp_path / "moe", "--space", "sublayers")
     assert "mixture of experts" in capsys.readouterr().err and not (tmp_path / "moe").exists()
 
 

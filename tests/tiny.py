@@ -81,7 +81,7 @@ def write_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
 def cut_layers(model, genes):
     """The model cut to a depth chromosome for good, unrepaired (what the search scores with --repair none)."""
     from evaluators.build import Builder
-    from evaluators.fitness import EvaluatorConfig
+    from evaluators.config import EvaluatorConfig
 
     return Builder(model, None, EvaluatorConfig(repair="none"), 4).compact(genes)
 

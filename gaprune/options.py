@@ -3,17 +3,25 @@
 Each dataclass field becomes `--field-name` with the field's help text and default; a field
 typed `bool` becomes a `--name/--no-name` switch. The parsed values build the dataclass back,
 whose own validation then names any bad value.
+
+Every command also reads a run file (`--config FILE`: YAML, JSON, which is YAML, or TOML) whose
+settings stand in for typed flags, flags typed beside it winning, and prints its resolved
+settings as such a file (`--print-config`). A file may group its settings in sections (as a run
+folder's config.json does); the sections are for people, a setting's name is what counts.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import tomllib
 import signal
 import sys
 import types
 import typing
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -63,6 +71,81 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
 def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**values, **overrides})
+
+
+_TYPED = object()  # marks options not typed on the command line
+
+
+def add_run_file_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run file")
+    group.add_argument("--config", metavar="FILE", default=None,
+                       help="read settings from FILE (YAML, JSON or TOML; sections allowed, e.g. a run folder's "
+                            "config.json); flags typed beside it win")
+    group.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as YAML (a valid --config) and exit without running")
+
+
+def read_run_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a run file by option name (`pop`, `data_dir`), sections flattened."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"--config {path}: cannot read it ({error.strerror})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml_load(text)
+    except Exception as error:  # the readers' own errors say where the file is malformed
+        raise ValueError(f"--config {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected settings by name, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        for name, setting in (value.items() if isinstance(value, dict) else [(key, value)]):
+            name = str(name).replace("-", "_")
+            if name in flat and flat[name] != setting:
+                raise ValueError(f"--config {path}: {name} is set twice, to {flat[name]!r} and {setting!r}")
+            flat[name] = setting
+    return flat
+
+
+def yaml_load(text: str) -> Any:
+    import yaml
+    return yaml.safe_load(text)
+
+
+def parse_with_run_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, set[str]]:
+    """Parse `argv` over the settings of its --config file; also return the names of the settings
+    the user gave (typed or in the file), which a resumed run compares with its saved ones."""
+    chosen, _ = _config_only().parse_known_args(argv)
+    from_file: dict[str, Any] = {}
+    if chosen.config:
+        try:
+            from_file = read_run_file(chosen.config)
+        except ValueError as error:
+            parser.error(str(error))
+        unknown = sorted(set(from_file) - {action.dest for action in parser._actions} - {"config", "print_config", "help"})
+        if unknown:
+            parser.error(f"--config {chosen.config}: unknown setting(s) {', '.join(unknown)}")
+        parser.set_defaults(**from_file)
+    args = parser.parse_args(argv)
+    marked = argparse.Namespace(**{action.dest: _TYPED for action in parser._actions})
+    typed = {name for name, value in vars(parser.parse_args(argv, namespace=marked)).items() if value is not _TYPED}
+    return args, (typed | set(from_file)) - {"config", "print_config"}
+
+
+def _config_only() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=None)
+    return parser
+
+
+def print_run_file(sections: dict[str, dict[str, Any]]) -> None:
+    """Print resolved settings as a YAML run file (settings left unset are left out, so that a
+    default computed at run time stays so)."""
+    import yaml
+    kept = {title: {k: v for k, v in values.items() if v is not None} for title, values in sections.items()}
+    json.dumps(kept)  # only plain values: what YAML prints here, JSON could hold
+    print(yaml.safe_dump(kept, sort_keys=False, default_flow_style=False), end="")
 
 
 def say(message: str, progress: bool = True) -> None:

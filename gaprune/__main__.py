@@ -1,0 +1,5 @@
+import sys
+
+from gaprune.cli import main
+
+sys.exit(main())
