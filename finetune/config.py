@@ -25,6 +25,8 @@ PLANS: dict[str, tuple[str, ...]] = {
 
 # Settings that change how a run is carried out or logged but not what it computes:
 # `--resume` accepts new values for these and refuses changes to any other setting.
+LOSSES = ("lm", "kd", "mix")
+
 RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir", "efficiency", "measure"})
 
 
@@ -47,6 +49,13 @@ class HealConfig(Settings):
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     train_qk_norm: bool = field(default=False, metadata={"help": "also train the q_norm/k_norm of families that have them (Qwen3, Gemma 3, OLMo 2)"})
     steps: int = field(default=200, metadata={"help": "optimizer steps (0: export the compact model untrained)"})
+    loss: str = field(default="lm", metadata={"help": "training loss: lm (next-token NLL on the text), kd (KL "
+                                                    "divergence from the dense model's next-token distribution, "
+                                                    "the dense model kept in memory as the teacher) or mix "
+                                                    "(--kd-weight of kd, the rest lm)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "kd and mix: softmax temperature of teacher and "
+                                                                 "student (the KL is scaled by its square)"})
+    kd_weight: float = field(default=0.5, metadata={"help": "mix: the weight of kd in the loss"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, no weight decay)"})
     warmup: int = field(default=20, metadata={"help": "steps of linear warm-up; then cosine decay to lr / 10"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass (training and evaluation)"})
@@ -110,6 +119,11 @@ class HealConfig(Settings):
         if self.steps and self.warmup >= self.steps:
             raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
         _require_number(self, "lr", positive=True)
+        _require_number(self, "kd_temperature", positive=True)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not (isinstance(self.kd_weight, (int, float)) and 0.0 <= self.kd_weight <= 1.0):
+            raise ValueError(f"kd_weight must lie in [0, 1], got {self.kd_weight!r}")
         _require_number(self, "grad_clip", positive=False)
         if self.repair is not None and self.repair not in REPAIRS:
             raise ValueError(f"repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")

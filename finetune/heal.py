@@ -187,8 +187,13 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
     if config.steps:
         adapted = attach_adapter(model, config)
         counts = parameter_counts(adapted, compact_size)
+        teacher = None
+        if config.loss != "lm":
+            say(f"loading the dense model {p.spec} as the teacher (--loss {config.loss})", progress)
+            teacher, _ = load_model(p.spec, config.dtype, config.device)
         state = train(adapted, p.train_blocks, p.eval_blocks, config, p.dtype, p.folder, board, p.state,
-                      p.resume_from, progress)
+                      p.resume_from, progress, teacher)
+        del teacher
         if isinstance(adapted, PeftModel):
             save_adapter(adapted, p.folder.staging / "adapter",
                          f"gaprune-compact:{to_string(p.record.genes)}:{p.spec}")

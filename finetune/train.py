@@ -1,9 +1,11 @@
-"""The healing loop: AdamW on the adapter and norm weights, next-token loss on the calibration text.
+"""The healing loop: AdamW on the adapter and norm weights, on the calibration text.
 
 One loop in comment-headed phases (optimizer, resume, then per step: forward/backward,
 update, log, evaluate, checkpoint), with its helpers just above it. The loss is the same
-chunked next-token NLL the perplexity protocol uses, so training and evaluation agree on
-what a token costs.
+chunked next-token NLL the perplexity protocol uses (so training and evaluation agree on what a
+token costs), or distillation from the dense model: the KL divergence of the student's
+next-token distribution from the teacher's, computed chunk by chunk from the teacher's final
+hidden states so that tokens x vocabulary logits are never held whole.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from evaluators.perplexity import nll_of_hidden, perplexity, predicted_tokens
+from evaluators.perplexity import LOGIT_CHUNK, nll_of_hidden, perplexity, predicted_tokens
 from finetune.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from finetune.config import HealConfig
 from finetune.model import causal_lm, trainable_parameters
@@ -104,13 +106,43 @@ def lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     return nll_of_hidden(model, hidden, ids) / predicted_tokens(ids)
 
 
+def kd_loss(model: PreTrainedModel, teacher: PreTrainedModel, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean KL(teacher || student) per predicted token of windows ids, at `temperature` (scaled
+    by its square, as Hinton et al. keep gradients comparable across temperatures)."""
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    with torch.no_grad():
+        reference = teacher.model(input_ids=ids.to(teacher.device), use_cache=False).last_hidden_state
+    head, teacher_head = model.get_output_embeddings(), teacher.get_output_embeddings()
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    dense = reference[:, :-1].reshape(-1, reference.shape[-1])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, states.shape[0], LOGIT_CHUNK):
+        chunk = slice(start, start + LOGIT_CHUNK)
+        log_p = torch.log_softmax(head(states[chunk]).float() / temperature, dim=-1)
+        with torch.no_grad():
+            log_q = torch.log_softmax(teacher_head(dense[chunk]).float() / temperature, dim=-1).to(log_p.device)
+        total = total + torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="sum")
+    return total * temperature ** 2 / predicted_tokens(ids)
+
+
+def step_loss(model: PreTrainedModel, teacher: PreTrainedModel | None, ids: torch.Tensor, config: HealConfig
+              ) -> torch.Tensor:
+    """The loss --loss names, for windows ids."""
+    if config.loss == "lm":
+        return lm_loss(model, ids)
+    assert teacher is not None, "kd and mix need the dense model as teacher"
+    kd = kd_loss(model, teacher, ids, config.kd_temperature)
+    return kd if config.loss == "kd" else config.kd_weight * kd + (1 - config.kd_weight) * lm_loss(model, ids)
+
+
 def train(model: PeftModel | PreTrainedModel, train_blocks: torch.Tensor, eval_blocks: dict[str, torch.Tensor], config: HealConfig,
           dtype: torch.dtype, folder: OutputFolder, board: SummaryWriter, state: TrainState,
-          resume_from: Path | None = None, progress: bool = True) -> TrainState:
+          resume_from: Path | None = None, progress: bool = True, teacher: PreTrainedModel | None = None) -> TrainState:
     """Train the adapter for the configured steps, from `state.step` on, and return the final state.
 
     `train_blocks` [n, seq_len] are the training windows; `resume_from` is a checkpoint folder
-    whose weights, optimizer, schedule and random states replace the fresh ones.
+    whose weights, optimizer, schedule and random states replace the fresh ones; `teacher` is
+    the dense model that --loss kd and mix distil.
     """
     # -- optimizer and schedule -------------------------------------------------------------
     parameters = trainable_parameters(model)
@@ -139,7 +171,7 @@ def train(model: PeftModel | PreTrainedModel, train_blocks: torch.Tensor, eval_b
             first = (step * config.grad_accum + micro) * config.batch_size
             ids = train_blocks[order.indices(first, config.batch_size)].to(device)
             with precision(device, dtype):
-                loss = lm_loss(decoder, ids) / config.grad_accum
+                loss = step_loss(decoder, teacher, ids, config) / config.grad_accum
             loss.backward()
             loss_sum += loss.item()
 

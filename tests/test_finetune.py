@@ -273,6 +273,8 @@ BAD_INPUTS = [  # extra options (or another chromosome), words the error must co
     ((["--lr", "-1"]), "lr must be a positive finite number"),
     ((["--steps", "5", "--warmup", "5"]), "warmup (5) must be shorter than steps (5)"),
     ((["--dropout", "1.5"]), "dropout must lie in [0, 1)"),
+    ((["--loss", "distill"]), "loss must be one of lm, kd, mix"),
+    ((["--loss", "mix", "--kd-weight", "2"]), "kd_weight must lie in [0, 1]"),
     ((["--seq-len", "4096"]), "seq_len (4096) exceeds the context"),
     ((["--eval-tokens", "10"]), "must hold at least one window"),
     ((["--dtype", "int8"]), "unknown dtype 'int8'"),
@@ -484,3 +486,32 @@ def test_the_search_alignments_are_reused_while_its_run_folder_is_there(tmp_path
     gone = tmp_path / "moved" / "alignments"
     assert surgery_settings(record(gone), "tiny", HealConfig()).align_cache is None
     assert not gone.parent.exists()
+
+
+def test_kd_loss_is_zero_for_the_teacher_itself_and_matches_the_measured_kl(llama_dir, text_file):
+    from evaluators.perplexity import fidelity, final_hidden
+    from finetune.train import kd_loss
+    model, tokenizer = load_model(str(llama_dir))
+    ids = text_blocks(str(text_file), tokenizer, 32, 256)
+    assert float(kd_loss(model, model, ids, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    cut = cut_layers(load_model(str(llama_dir))[0], SKIP_ONLY)
+    measured = fidelity(cut, ids, 4, final_hidden(model, ids, 4), model.get_output_embeddings())["kl"]
+    assert float(kd_loss(cut, model, ids, 1.0)) == pytest.approx(measured, rel=1e-4) and measured > 0
+
+
+def test_distillation_healing_brings_the_cut_model_towards_the_dense_one(llama_dir, text_file, held_out, tmp_path):
+    """The tiny dense model is untrained, so language modelling on the text pulls away from it:
+    the more of the loss is distillation, the nearer the healed model ends to its teacher."""
+    from evaluators.perplexity import fidelity, final_hidden
+    best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
+    dense, tokenizer = load_model(str(llama_dir))
+    blocks = text_blocks(str(held_out), tokenizer, 64, 1024)
+    reference = final_hidden(dense, blocks, 4)
+    kl = {}
+    for loss in ("cut", "lm", "mix", "kd"):
+        steps = ["--steps", "0"] if loss == "cut" else ["--steps", "12", "--loss", loss, "--plan", "wide"]
+        assert main(options(best, tmp_path / loss, text_file, held_out, *steps, "--no-efficiency")) == 0
+        healed = AutoModelForCausalLM.from_pretrained(tmp_path / loss, dtype=torch.float32).eval()
+        kl[loss] = fidelity(healed, blocks, 4, reference)["kl"]
+    assert kl["kd"] < kl["mix"] < kl["lm"] and kl["kd"] < kl["cut"], kl
+    assert json.loads((tmp_path / "kd" / "report.json").read_text())["config"]["loss"] == "kd"
