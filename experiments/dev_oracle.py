@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from evaluators.config import DEV_TEXTS
 from experiments.fidelity import spearman
 from experiments.report import save_results
 from gaprune.files import write_json_atomic
@@ -41,7 +42,8 @@ def picks(work: Path, share: float) -> list[dict[str, Any]]:
     """Every method's pick at this budget, from its per-run file."""
     rows = [json.loads(path.read_text()) for path in sorted(work.glob(f"p{share:.4f}-*/*.json"))]
     return [{"source": f"pick {row['method']}" + ("" if row["seed"] is None else f" s{row['seed']}"),
-             "chromosome": row["chromosome"], "fitness": row["fitness"], "repair": row.get("repair", "lsq")}
+             "chromosome": row["chromosome"], "fitness": row["fitness"], "repair": row.get("repair", "lsq"),
+             **{name: row[name] for name in DEV_TEXTS if name in row}}  # measured there the same way
             for row in rows]
 
 
@@ -57,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="stem under experiments/results (default: dev_oracle-p<share>)")
     args = parser.parse_args(argv)
 
-    from evaluators.config import DEV_TEXTS, EvaluatorConfig
+    from evaluators.config import EvaluatorConfig
     from evaluators.fitness import ModelEvaluator
     from evaluators.text import text_blocks
     from chromosomes import from_string
@@ -67,11 +69,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluator = ModelEvaluator(EvaluatorConfig(data_dir=args.data_dir, threads=args.threads,
                                                align_cache=str(work / "store")))
     dev = {name: text_blocks(name, evaluator.tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}
+    known = {c["chromosome"]: {name: c[name] for name in DEV_TEXTS} for c in candidates if DEV_TEXTS[0] in c}
     for candidate in candidates:  # each genome once, kept on disk for an interrupted run
         path = work / "dev" / f"{candidate['chromosome']}.json"
-        if not path.is_file():
-            write_json_atomic(path, evaluator.heldout(from_string(candidate["chromosome"]), dev))
-        candidate.update(json.loads(path.read_text()))
+        if candidate["chromosome"] not in known:
+            if not path.is_file():
+                write_json_atomic(path, evaluator.heldout(from_string(candidate["chromosome"]), dev))
+            known[candidate["chromosome"]] = json.loads(path.read_text())
+        candidate.update(known[candidate["chromosome"]])
         candidate["dev mean"] = statistics.mean(candidate[name] for name in DEV_TEXTS)
         print(f"{candidate['source']:40s} fitness {candidate['fitness']:.3f} " +
               " ".join(f"{name} {candidate[name]:.2f}" for name in DEV_TEXTS), flush=True)
