@@ -71,6 +71,7 @@ class LayerFamily:
     q_norm: str | None = None  # q/k norms of their own (Qwen3, Gemma 3: per head; OLMo 2: over all heads)
     k_norm: str | None = None
     experts: bool = False  # the MLP is a mixture of experts: no single MLP to permute or repair
+    output_scale: str | None = None  # config attribute scaling each sub-layer's output before the residual add
 
     @property
     def layer_norms(self) -> tuple[str, ...]:
@@ -182,7 +183,7 @@ FAMILIES: dict[str, LayerFamily] = {
     "mistral": LayerFamily("mistral"),
     "qwen2": LayerFamily("qwen2"),
     "qwen3": LayerFamily("qwen3", **QK_NORMS),
-    "granite": LayerFamily("granite"),
+    "granite": LayerFamily("granite", output_scale="residual_multiplier"),
     "gemma2": LayerFamily("gemma2", **GEMMA),
     "gemma3_text": LayerFamily("gemma3_text", **GEMMA, **QK_NORMS),
     "phi3": LayerFamily("phi3", qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj"),

@@ -146,16 +146,23 @@ def with_output_map(layer: nn.Module, transform: torch.Tensor, family: LayerFami
     return family.replaced(layer, path, new_down)
 
 
+def output_scale(model: PreTrainedModel, family: LayerFamily) -> float:
+    """The factor a sub-layer's output is multiplied by before the residual add (Granite's
+    residual multiplier; 1 elsewhere): a linear factor, so a map fitted on the scaled output
+    folds into the projection all the same."""
+    return float(getattr(model.config, family.output_scale)) if family.output_scale else 1.0
+
+
 @torch.no_grad()
 def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: torch.Tensor,
                               family: LayerFamily) -> None:
-    """Refuse a family whose layer does not add its MLP output to the residual stream as it is.
+    """Refuse a family whose layer does not add its (scaled) MLP output to the residual stream as it is.
 
-    The fit assumes layer output = (everything else) + MLP output, so that a map on the MLP
-    output moves the layer output by exactly as much. A norm after the MLP (Gemma's
+    The fit assumes layer output = (everything else) + scale x MLP output, so that a map on the
+    MLP output moves the layer output by exactly as much. A norm after the MLP (Gemma's
     post-feedforward norm) breaks that, and a map folded into down_proj would not do what was
-    fitted. Doubling the MLP output must move the layer output by one MLP output: checked once,
-    on a few tokens.
+    fitted. Doubling the MLP output must move the layer output by one scaled MLP output: checked
+    once, on a few tokens.
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -175,7 +182,7 @@ def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: tor
         return (output[0] if isinstance(output, tuple) else output).float()
 
     moved = run(2.0) - run(1.0)
-    mlp = captured["mlp"].float()
+    mlp = captured["mlp"].float() * output_scale(model, family)
     error = float((moved - mlp).norm() / mlp.norm().clamp_min(1e-12))
     if not error < 1e-3:
         raise RepairError(f"seam repair is not supported for {type(model).__name__}: its layers do not add the MLP "
@@ -249,6 +256,7 @@ class SeamRepairer:
             for path in (family.o, family.down):  # refuse an unsupported layout before any work
                 output_projection(layer, family, path)
         check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS], family)
+        self.scale = output_scale(model, family)
         self.model = model
         self.family = family
         self.dense_layers = list(dense_layers)
@@ -375,7 +383,7 @@ class SeamRepairer:
             for batch, ids in enumerate(self._batches()):
                 captured = self._run(ids, [*segment[:-1], layer], types, None if state is None else state[batch],
                                      {"out": layer, "written": self.family.module(layer, path)})
-                out, written = captured["out"], captured["written"]
+                out, written = captured["out"], captured["written"] * self.scale  # as the residual stream gets it
                 rest = out - written  # what the layer adds besides this projection's output
                 equations.add(written, dense[batch] - rest)
                 outputs.append(rest)

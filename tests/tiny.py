@@ -40,13 +40,13 @@ FAMILIES = {
     # Norms after attention and MLP (no input norm) and q/k norms over all heads: merging
     # permutes the q/k norms with their heads; seam repair is refused (a norm follows the MLP).
     "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
-    # Llama's layout with multipliers: the MLP output is scaled before it joins the residual
-    # stream, so seam repair is refused (measured, not declared); merging works.
+    # Llama's layout with multipliers: each sub-layer's output is scaled before it joins the
+    # residual stream, a linear factor the seam repair fits through.
     "granite": (GraniteConfig, GraniteForCausalLM, {"residual_multiplier": 0.5, "embedding_multiplier": 2.0,
                                                     "logits_scaling": 2.0, "attention_multiplier": 0.2}),
 }
 MERGEABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")
-REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 WIDTHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")  # not experts
 
 NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
