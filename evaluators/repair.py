@@ -39,6 +39,7 @@ sharing leading layers share it). Fits are cached within a byte budget.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -57,6 +58,12 @@ from evaluators.surgery import LayerStack, dense_layer_types, layer_view
 # Memory for cached fits (each a new down_proj, and with pruned inputs the repaired block's output
 # on the repair tokens): an 8B model's down_proj alone is 117 MB in bf16, so count bytes, not fits.
 CACHE_BYTES = 2 * 1024**3
+# Where a norm follows a sub-layer (Gemma 2/3, OLMo 2) the map cannot be solved in closed form:
+# it is fitted by gradient steps (Adam, the best map seen kept, the identity included) on the
+# first DISTIL_BATCHES batches of the repair tokens, so that the layer reproduces the dense state.
+DISTIL_STEPS = 32
+DISTIL_BATCHES = 2
+DISTIL_LR = 1e-3
 
 
 class RepairError(ValueError):
@@ -100,14 +107,16 @@ def seam_targets(stack: LayerStack, num_layers: int, min_run: int = 1) -> list[S
 
 
 def check_repairable(layer: nn.Module, family: LayerFamily) -> None:
-    """Refuse a family whose sub-layer outputs do not reach the residual stream through a projection alone."""
+    """Refuse a family whose sub-layers have no single output projection to fold a map into."""
     if family.experts:
         raise RepairError(f"seam repair is not supported for {type(layer).__name__}: its MLP is a mixture of "
                           "experts, with no single output projection to fold a map into (use --repair none)")
-    if family.mlp_output_norm:
-        raise RepairError(f"seam repair is not supported for {type(layer).__name__}: a norm "
-                          f"({family.mlp_output_norm}) follows its MLP, so a map folded into {family.down} would "
-                          "be normalised away (use --repair none)")
+
+
+def distilled(family: LayerFamily) -> bool:
+    """Whether a norm between a sub-layer's projection and the residual stream makes its maps a
+    gradient fit (the closed form assumes the projection's output is added as it is)."""
+    return bool(family.mlp_output_norm or family.attention_output_norm)
 
 
 def output_projection(layer: nn.Module, family: LayerFamily, path: str) -> nn.Linear:
@@ -255,7 +264,12 @@ class SeamRepairer:
         for layer in dense_layers:
             for path in (family.o, family.down):  # refuse an unsupported layout before any work
                 output_projection(layer, family, path)
-        check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS], family)
+        self.distil = distilled(family)
+        if self.distil and method == "scale":
+            raise RepairError(f"repair scale needs the closed form, which a norm after each sub-layer of "
+                              f"{type(dense_layers[0]).__name__} rules out: use --repair lsq (fitted by gradient)")
+        if not self.distil:
+            check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS], family)
         self.scale = output_scale(model, family)
         self.model = model
         self.family = family
@@ -306,7 +320,8 @@ class SeamRepairer:
         dense forward, taken only when a seam ends between a layer's attention and its MLP."""
         if self._middle is None:
             states: list[list[torch.Tensor]] = [[] for _ in self.dense_layers]
-            hooks = [self.family.module(layer, self.family.mlp_norm).register_forward_pre_hook(
+            reader = self.family.mlp_norm or self.family.mlp  # OLMo 2's MLP reads the stream itself
+            hooks = [self.family.module(layer, reader).register_forward_pre_hook(
                      lambda _m, args, i=i: states[i].append(args[0])) for i, layer in enumerate(self.dense_layers)]
             self._dense_forward(hooks)
             self._middle = states
@@ -377,6 +392,8 @@ class SeamRepairer:
         """
         dense = self.dense_after(seam.target)
         layer, outputs = segment[-1], []
+        if self.distil:
+            return self._fit_by_gradient(segment, types, state, dense, seam)
         for path in self.paths[seam.kind]:
             equations = NormalEquations(self.model.config.hidden_size, self.device)
             outputs, writes = [], []
@@ -392,6 +409,43 @@ class SeamRepairer:
             layer = with_output_map(layer, transform, self.family, path)
         t = transform.to(writes[0].dtype)
         return layer, [rest + written @ t for rest, written in zip(outputs, writes)]
+
+    def _fit_by_gradient(self, segment: list[nn.Module], types: list[str] | None, state: list[torch.Tensor] | None,
+                         dense: list[torch.Tensor], seam: Seam) -> tuple[nn.Module, list[torch.Tensor]]:
+        """`_fit` for a layer whose projections a norm follows: each map, multiplied onto the
+        projection's output as folding it would, is fitted by gradient steps to bring the layer's
+        output to the dense state; then folded, and the layer run once more for its outputs."""
+        layer = segment[-1]
+        batches = list(enumerate(self._batches()))[:DISTIL_BATCHES]
+        for path in self.paths[seam.kind]:
+            size = self.model.config.hidden_size
+            transform = torch.eye(size, device=self.device, requires_grad=True)
+            optimizer = torch.optim.Adam([transform], lr=DISTIL_LR)
+            best = (math.inf, torch.eye(size, device=self.device))
+            hook = self.family.module(layer, path).register_forward_hook(
+                lambda _m, _a, out: out @ transform.to(out.dtype))
+            try:
+                with torch.enable_grad():
+                    for step in range(DISTIL_STEPS + 1):  # the last pass only measures
+                        total = 0.0
+                        for batch, ids in batches:
+                            out = self._run(ids, [*segment[:-1], layer], types,
+                                            None if state is None else state[batch], {"out": layer})["out"]
+                            loss = (out.float() - dense[batch].float()).pow(2).mean() / len(batches)
+                            if step < DISTIL_STEPS:
+                                loss.backward()
+                            total += float(loss.detach())
+                        if math.isfinite(total) and total < best[0]:
+                            best = (total, transform.detach().clone())
+                        if step < DISTIL_STEPS:
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+            finally:
+                hook.remove()
+            layer = with_output_map(layer, best[1], self.family, path)
+        outputs = [self._run(ids, [*segment[:-1], layer], types, None if state is None else state[batch],
+                             {"out": layer})["out"] for batch, ids in enumerate(self._batches())]
+        return layer, outputs
 
     def _solve(self, equations: NormalEquations) -> torch.Tensor:
         """The configured map; the identity (the seam left as cut) if activations were not finite."""

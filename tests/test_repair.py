@@ -147,9 +147,20 @@ def test_a_repaired_seam_matches_the_dense_state_better_than_the_raw_cut(llama_d
 
 @pytest.mark.parametrize("family", REPAIRABLE)
 def test_every_repairable_family_repairs_its_seams(family, tiny_models, text_file):
-    """Granite among them: its residual multiplier scales the output the map is fitted on."""
+    """Granite among them (its residual multiplier scales the output the map is fitted on), and
+    the families whose norm after each sub-layer makes the map a gradient fit (Gemma 2/3, OLMo 2):
+    nearer the dense state on the repair statistics, and nearer the dense model on scoring text
+    the fit never read."""
     errors = seam_errors(make(tiny_models[family], text_file), SKIPS)
-    assert errors and all(fixed < 0.9 * raw for raw, fixed in errors), errors
+    assert errors and all(fixed < 0.95 * raw for raw, fixed in errors), errors
+    raw = make(tiny_models[family], text_file, repair="none", fitness="kl").evaluate([SKIPS])[0]
+    fixed = make(tiny_models[family], text_file, fitness="kl").evaluate([SKIPS])[0]
+    assert fixed.kl < raw.kl, (raw.kl, fixed.kl)
+
+
+def test_scale_repair_needs_the_closed_form(tiny_models, text_file):
+    with pytest.raises(RepairError, match="use --repair lsq"):
+        make(tiny_models["gemma3"], text_file, repair="scale").evaluate([SKIPS])
 
 
 def test_lsq_attn_folds_a_map_into_o_proj_too_and_fits_the_mlp_map_after_it(llama_dir, text_file):
@@ -254,19 +265,11 @@ def test_the_fit_cache_keeps_within_its_byte_budget(llama_dir, text_file):
     assert [f.nll for f in again] == [f.nll for f in evaluator.evaluate([SKIPS, MERGED, [1, 1, 0, 1, 0, 1]])]
 
 
-@pytest.mark.parametrize("family, reason", [
-    ("gemma2", r"a norm \(post_feedforward_layernorm\) follows its MLP"),
-    ("gemma3", r"a norm \(post_feedforward_layernorm\) follows its MLP"),
-    ("mixtral", "its MLP is a mixture of experts"),
-    ("qwen3_moe", "its MLP is a mixture of experts"),
-    ("olmo2", r"a norm \(post_feedforward_layernorm\) follows its MLP"),
-])
-def test_a_family_whose_mlp_output_cannot_carry_the_map_is_refused_by_name(family, reason, tiny_models, text_file):
-    """Gemma's and OLMo 2's post-feedforward norms (declared by their family) sit between the MLP
-    and the residual stream, so a map folded into down_proj would not move the layer output as the
-    fit assumes; a mixture of experts has no single output projection."""
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_mixture_of_experts_is_refused_seam_repair_by_name(family, tiny_models, text_file):
+    """A mixture of experts has no single output projection to fold a map into."""
     evaluator = make(tiny_models[family], text_file)
-    with pytest.raises(RepairError, match=rf"{reason}.*--repair none"):
+    with pytest.raises(RepairError, match=r"its MLP is a mixture of experts.*--repair none"):
         evaluator.evaluate([[1, 0, 1, 1, 0, 1]])
     unrepaired = make(tiny_models[family], text_file, repair="none")
     assert unrepaired.evaluate([[1, 0, 1, 1, 0, 1]])[0].nll < 20

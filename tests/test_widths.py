@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chromosomes import ChromosomeError, ChromosomeRecord, blocks
+from chromosomes import ChromosomeError, ChromosomeRecord
 from chromosomes.width import LayerUnits, Ranking, Unit, counts_left, select_global
 from evaluators.config import EvaluatorConfig
 from evaluators.export import load_pruned
@@ -18,7 +18,7 @@ from evaluators.families import family_of
 from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import install_layers, layer_view
 from evaluators.units import NoAttention, full_geometry, layer_shape, narrowed, unit_importance
-from tests.tiny import FAMILIES, REPAIRABLE, WIDTHS
+from tests.tiny import FAMILIES, WIDTHS
 
 IDS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
 
@@ -320,10 +320,3 @@ def test_a_mixture_of_experts_is_refused_widths_by_name(tiny_models, text_file, 
     with pytest.raises(SystemExit):
         search(tiny_models["mixtral"], text_file, tmp_path / "moe", "--space", "sublayers")
     assert "mixture of experts" in capsys.readouterr().err and not (tmp_path / "moe").exists()
-
-
-@pytest.mark.parametrize("family", sorted(set(WIDTHS) - set(REPAIRABLE)))
-def test_families_without_repair_still_cut_widths_unrepaired(family, tiny_models, text_file):
-    scorer = evaluator(tiny_models[family], text_file, repair="none")
-    fitness = scorer.evaluate([[1, (1, 32), (2, 0), (0, 64), 1, 1]])[0]
-    assert fitness.perplexity > 1 and blocks([1, (1, 32), (2, 0), (0, 64), 1, 1])[1].kv_heads == 1

@@ -27,8 +27,8 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
     # Norms that scale by 1 + w and sit around each sub-layer (four per layer), sliding and
-    # global layers, eager attention only (Gemma 2): merging folds 1 + w; seam repair is
-    # refused (a norm follows the MLP).
+    # global layers, eager attention only (Gemma 2): merging folds 1 + w; seam maps are fitted
+    # by gradient (a norm follows each sub-layer).
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 16}),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 16}),
     # Mixtures of experts (experts as stacked 3-d weights): skip/keep only.
@@ -38,7 +38,7 @@ FAMILIES = {
     # Fused qkv_proj and gate_up_proj: merging splits and joins them, seam repair works.
     "phi3": (Phi3Config, Phi3ForCausalLM, {}),
     # Norms after attention and MLP (no input norm) and q/k norms over all heads: merging
-    # permutes the q/k norms with their heads; seam repair is refused (a norm follows the MLP).
+    # permutes the q/k norms with their heads; seam maps are fitted by gradient.
     "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
     # Llama's layout with multipliers: each sub-layer's output is scaled before it joins the
     # residual stream, a linear factor the seam repair fits through.
@@ -46,7 +46,7 @@ FAMILIES = {
                                                     "logits_scaling": 2.0, "attention_multiplier": 0.2}),
 }
 MERGEABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")
-REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
+REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3", "olmo2")
 WIDTHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")  # not experts
 
 NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
