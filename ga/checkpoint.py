@@ -78,7 +78,7 @@ class RunFolder:
         """A new run never reuses a folder, finished or not."""
         if self.path.exists() and any(self.path.iterdir()):
             raise RunError(f"run folder {self.path} already exists; continue it with --resume {self.path} "
-                           "or choose another --name")
+                           "or choose another --out")
 
     def create(self, config: dict[str, Any]) -> None:
         self.refuse_existing()

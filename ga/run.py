@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dense = evaluator.evaluate([[1] * evaluator.num_layers])[0]
     except KeyboardInterrupt as interrupt:
         print(f"\ninterrupted: every finished generation is checkpointed in {folder.checkpoint_path}\n"
-              f"continue with: python -m ga.run --resume {folder.path}", file=sys.stderr)
+              f"continue with: gaprune search --resume {folder.path}", file=sys.stderr)
         return interrupt_status(interrupt)
     except (RunError, ModelLoadError, ValueError, TimeoutError, ConnectionError, PoolError, DeviceMemoryError) as error:
         fail(str(error))

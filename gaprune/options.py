@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import tomllib
 import signal
 import sys
+import tomllib
 import types
 import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
@@ -93,7 +94,7 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
     except OSError as error:
         raise ValueError(f"--config {path}: cannot read it ({error.strerror})") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml_load(text)
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except Exception as error:  # the readers' own errors say where the file is malformed
         raise ValueError(f"--config {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {error}") from None
     if not isinstance(data, dict):
@@ -106,11 +107,6 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
                 raise ValueError(f"--config {path}: {name} is set twice, to {flat[name]!r} and {setting!r}")
             flat[name] = setting
     return flat
-
-
-def yaml_load(text: str) -> Any:
-    import yaml
-    return yaml.safe_load(text)
 
 
 def parse_with_run_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, set[str]]:
@@ -142,9 +138,7 @@ def _config_only() -> argparse.ArgumentParser:
 def print_run_file(sections: dict[str, dict[str, Any]]) -> None:
     """Print resolved settings as a YAML run file (settings left unset are left out, so that a
     default computed at run time stays so)."""
-    import yaml
     kept = {title: {k: v for k, v in values.items() if v is not None} for title, values in sections.items()}
-    json.dumps(kept)  # only plain values: what YAML prints here, JSON could hold
     print(yaml.safe_dump(kept, sort_keys=False, default_flow_style=False), end="")
 
 
