@@ -207,7 +207,8 @@ def discover(layer: nn.Module, name: str) -> LayerFamily:
     The norms a layer owns tell where they sit: a `pre_feedforward_layernorm` means the
     post-attention norm is on the attention's output (Gemma); a layer without an input norm
     normalises outputs only (OLMo 2). A norm whose zero weight still passes its input scales
-    by 1 + w. An MLP without its own projections but with experts or a router is a mixture.
+    by 1 + w. An MLP without its own projections but with experts or a router is a mixture. A
+    layer that keeps a `residual_multiplier` scales its sub-layers' outputs by it (Granite).
     """
     children = dict(layer.named_children())
     norms = [n for n, child in children.items() if _is_norm(child)]
@@ -231,6 +232,7 @@ def discover(layer: nn.Module, name: str) -> LayerFamily:
         q_norm="self_attn.q_norm" if "q_norm" in attention else None,
         k_norm="self_attn.k_norm" if "k_norm" in attention else None,
         experts="experts" in mlp_parts or ("gate" in mlp_parts and "down_proj" not in mlp_parts),
+        output_scale="residual_multiplier" if hasattr(layer, "residual_multiplier") else None,
     )
 
 
