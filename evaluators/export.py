@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,24 @@ def save_compact(model: PreTrainedModel, folder: str | Path) -> str:
     heterogeneous_config(model, widths).save_pretrained(folder)
     save_model(model, str(folder / "model.safetensors"))
     return "gaprune"
+
+
+def write_model_folder(model: PreTrainedModel, tokenizer: Any, folder: str | Path,
+                       files: dict[str, str] | None = None) -> str:
+    """A complete model folder (the model as `save_compact` saves it, its tokenizer and `files` by
+    name), built beside `folder` and renamed into place, so that a crash never leaves half of one;
+    refuses a folder that exists. Returns what loads it."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists")
+    staging = folder.parent / f".{folder.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    loads_with = save_compact(model, staging)
+    tokenizer.save_pretrained(staging)
+    for name, text in (files or {}).items():
+        (staging / name).write_text(text)
+    staging.rename(folder)
+    return loads_with
 
 
 def heterogeneous_config(model: PreTrainedModel, widths: list[dict[str, Any]]):

@@ -18,6 +18,7 @@ from chromosomes.width import Unit
 from evaluators.build import Builder, calibration_split
 from evaluators.calibration import calibrated_norms
 from evaluators.config import EvaluatorConfig
+from evaluators.export import write_model_folder
 from evaluators.families import family_of
 from evaluators.importance import block_influence
 from evaluators.models import decoder_layers, load_model
@@ -87,6 +88,12 @@ class Evaluator(Protocol):
         the ranking a narrowed layer keeps a prefix of, and what a one-shot width plan selects from."""
         ...
 
+    def export(self, genes: Sequence[object], folder: str, files: dict[str, str]) -> str:
+        """Write the genome's compact model, repaired as it was scored, with the tokenizer and
+        `files`, to `folder`: the last call of a search (the statistics are at hand, so it takes
+        seconds; the resident model is cut for good). Returns what loads it."""
+        ...
+
 
 def _sort_key(block: Block) -> tuple:
     return block.anchor, block.merged, -1 if block.kv_heads is None else block.kv_heads, \
@@ -150,6 +157,10 @@ class ModelEvaluator:
     def units(self) -> list[Unit]:
         """Every unit of the dense model with its importance: what the ranking and a one-shot width plan read."""
         return self.builder.units()
+
+    def export(self, genes: Sequence[object], folder: str, files: dict[str, str]) -> str:
+        validate(genes, self.num_layers)
+        return write_model_folder(self.builder.compact(genes), self.tokenizer, folder, files)
 
     def stack(self, genes: Sequence[object]) -> LayerStack:
         """The layers the genome is scored with: cut, then repaired as configured."""

@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import time
+from pathlib import Path
 from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -108,6 +109,9 @@ class EvaluatorWorker:
 
     def units(self) -> list[Unit]:
         return self._loaded().units()
+
+    def export(self, genes: Sequence[object], folder: str, files: dict[str, str]) -> str:
+        return self._loaded().export(genes, folder, files)
 
     def _loaded(self) -> ModelEvaluator:
         if self._evaluator is None:
@@ -220,13 +224,17 @@ class RayEvaluatorPool:
     def units(self) -> list[Unit]:
         return self._ask_one("units")
 
-    def _ask_one(self, method: str) -> Any:
+    def export(self, genes: Sequence[object], folder: str, files: dict[str, str]) -> str:
+        """One actor writes it, on its own machine: on a cluster, give --out a path every node shares."""
+        return self._ask_one("export", validate(genes, self.num_layers), str(Path(folder).resolve()), files)
+
+    def _ask_one(self, method: str, *args: Any) -> Any:
         """A question about the dense model, so one actor answers; one that died, is restarting or
         does not answer within the chunk timeout (or, without one, the start timeout) passes it on."""
         timeout = self.chunk_timeout or self.start_timeout
         for actor in self._actors:
             try:
-                return ray.get(getattr(actor, method).remote(), timeout=timeout)
+                return ray.get(getattr(actor, method).remote(*args), timeout=timeout)
             except GetTimeoutError:
                 logger.warning("an evaluation actor did not answer %s within %g s; asking the next", method, timeout)
                 ray.kill(actor, no_restart=False)  # whatever it is stuck in, Ray restarts it

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", default=None,
                      help="continue the run in RUN_DIR with its saved settings; only the worker settings and "
                           + ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUMABLE)) + " may change")
+    run.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                     help="end by writing the pick's compact model, repaired as it was scored, to RUN_DIR/compact "
+                          "(the repair statistics are at hand: seconds; gaprune export rebuilds it from scratch)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     add_run_file_arguments(parser)
     return parser
@@ -97,6 +100,16 @@ def with_alignment_store(config: dict[str, Any], folder: RunFolder) -> dict[str,
     if evaluator.get("align_cache") is None:
         config["evaluator"] = {**evaluator, "align_cache": str(folder.path / "alignments")}
     return config
+
+
+def export_pick(evaluator: Any, state: Any, folder: RunFolder, wanted: bool, progress: bool) -> Path | None:
+    """Write the best genome's compact model into the run folder, unless asked not to or already
+    there (a finished run resumed); where it is."""
+    target = folder.path / "compact"
+    if wanted and not target.exists():
+        say(f"writing the pick's compact model to {target}", progress)
+        evaluator.export(state.best()[0], str(target), {"chromosome.json": folder.best_path.read_text()})
+    return target if wanted else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 definition = evaluator.describe()
                 say("scoring the dense model for the summary", args.progress)
                 dense = evaluator.evaluate([[1] * evaluator.num_layers])[0]
+                exported = export_pick(evaluator, state, folder, args.export, args.progress)
     except KeyboardInterrupt as interrupt:
         print(f"\ninterrupted: every finished generation is checkpointed in {folder.checkpoint_path}\n"
               f"continue with: gaprune search --resume {folder.path}", file=sys.stderr)
@@ -156,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunError, ModelLoadError, ValueError, TimeoutError, ConnectionError, PoolError, DeviceMemoryError) as error:
         fail(str(error))
     summary = build_summary(state, definition, dense, stop_reason(state, search, definition) or "stopped",
-                            time.perf_counter() - started, folder.best_path)
+                            time.perf_counter() - started, folder.best_path, exported)
     write_summary(summary, folder.path)
     print("\n".join(summary_lines(summary)) + f"\nwrote {folder.best_path}, summary.json and summary.png")
     return 0

@@ -39,7 +39,7 @@ def architecture(genes: Sequence[LayerGene], definition: dict[str, Any]) -> list
 
 
 def build_summary(state: Any, definition: dict[str, Any], dense: Fitness, stop: str, seconds: float,
-                  best_path: Path) -> dict[str, Any]:
+                  best_path: Path, compact: Path | None = None) -> dict[str, Any]:
     """Everything the user reads at the end of a search, as plain data."""
     genes, best = state.best()
     kept = decoder_parameters(genes, definition)
@@ -63,7 +63,8 @@ def build_summary(state: Any, definition: dict[str, Any], dense: Fitness, stop: 
         "generations": state.generation, "evaluations": state.evaluations, "seconds": seconds,
         "stopped_because": stop,
         "next": f"gaprune heal --chromosome {best_path}",
-        "export_only": f"gaprune export --chromosome {best_path} --out {best_path.parent / 'compact'}",
+        "export_only": f"gaprune export --chromosome {best_path} --out {best_path.parent / 'export'}",
+        "compact": None if compact is None else str(compact),
     }
 
 
@@ -104,8 +105,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"calibration perplexity ({f['measured_on']}, repair {f['repair'].get('method') if f['repair'] else 'none'}): "
         f"dense {f['dense']['perplexity']:.2f}, best {f['best']['perplexity']:.2f}"
         + (f", one-shot seed {f['seed']['perplexity']:.2f}" if f["seed"] else ""),
+        *([f"compact model, repaired, untrained: {summary['compact']} (evaluators.export.load_pruned loads it)"]
+          if summary["compact"] else []),
         f"next: {summary['next']}",
-        f"  or export it untrained: {summary['export_only']}",
+        f"  or export it again: {summary['export_only']}",
     ]
     return lines
 

@@ -315,3 +315,17 @@ def test_device_settings_that_ray_cannot_honour_are_refused(cluster, workers, se
     with pytest.raises(ValueError, match=message):
         plan_workers(WorkerConfig(**workers), EvaluatorConfig(**settings).device, EvaluatorConfig(**settings).threads,
                      cluster)
+
+
+def test_an_actor_exports_the_pick_as_the_in_process_evaluator_does(ray_cluster, config, tmp_path):
+    from evaluators.export import load_pruned
+    genes = POPULATION[0]
+    with open_evaluator(config, WorkerConfig(workers="1")) as pool:  # its own actor: an export cuts the model
+        pool.export(genes, str(tmp_path / "pool"), {"chromosome.json": "{}"})
+    ModelEvaluator(config).export(genes, str(tmp_path / "local"), {"chromosome.json": "{}"})
+    exported = [load_pruned(tmp_path / name).state_dict() for name in ("pool", "local")]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][key], exported[1][key]) for key in exported[0])
+    assert (tmp_path / "pool" / "chromosome.json").read_text() == "{}" and (tmp_path / "pool" / "tokenizer.json").is_file()
+    with pytest.raises(FileExistsError):
+        ModelEvaluator(config).export(genes, str(tmp_path / "local"), {})

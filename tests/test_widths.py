@@ -269,6 +269,9 @@ def test_the_one_shot_width_plan_is_scored_exported_reloaded_and_healed_as_it_wa
     report = json.loads((tmp_path / "model" / "report.json").read_text())
     assert report["loads_with"] == "gaprune"
     model = load_pruned(tmp_path / "model")
+    own = load_pruned(run / "compact")  # what the search wrote at its end, from its own statistics
+    assert torch.allclose(logits(own), logits(model), atol=1e-6)
+    assert ChromosomeRecord.load(run / "compact" / "chromosome.json").genes == record.genes
     run_readme_loading_snippet(tmp_path / "model")
     scorer = ModelEvaluator(EvaluatorConfig.from_dict(record.extra["evaluator"]))
     stack = scorer.builder.stack(record.genes, record.units)
