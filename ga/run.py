@@ -102,14 +102,17 @@ def with_alignment_store(config: dict[str, Any], folder: RunFolder) -> dict[str,
     return config
 
 
-def export_pick(evaluator: Any, state: Any, folder: RunFolder, wanted: bool, progress: bool) -> Path | None:
+def export_pick(evaluator: Any, state: Any, folder: RunFolder, wanted: bool, progress: bool) -> dict[str, Any] | None:
     """Write the best genome's compact model into the run folder, unless asked not to or already
-    there (a finished run resumed); where it is."""
+    there (a finished run resumed): where it is and the seconds writing it took."""
     target = folder.path / "compact"
-    if wanted and not target.exists():
+    if not wanted:
+        return None
+    started = time.perf_counter()
+    if not target.exists():
         say(f"writing the pick's compact model to {target}", progress)
         evaluator.export(state.best()[0], str(target), {"chromosome.json": folder.best_path.read_text()})
-    return target if wanted else None
+    return {"folder": str(target), "seconds": time.perf_counter() - started}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

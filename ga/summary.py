@@ -39,7 +39,7 @@ def architecture(genes: Sequence[LayerGene], definition: dict[str, Any]) -> list
 
 
 def build_summary(state: Any, definition: dict[str, Any], dense: Fitness, stop: str, seconds: float,
-                  best_path: Path, compact: Path | None = None) -> dict[str, Any]:
+                  best_path: Path, compact: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the user reads at the end of a search, as plain data."""
     genes, best = state.best()
     kept = decoder_parameters(genes, definition)
@@ -64,7 +64,7 @@ def build_summary(state: Any, definition: dict[str, Any], dense: Fitness, stop: 
         "stopped_because": stop,
         "next": f"gaprune heal --chromosome {best_path}",
         "export_only": f"gaprune export --chromosome {best_path} --out {best_path.parent / 'export'}",
-        "compact": None if compact is None else str(compact),
+        "compact": compact,  # the folder the search wrote its pick to, and the seconds it took
     }
 
 
@@ -105,7 +105,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"calibration perplexity ({f['measured_on']}, repair {f['repair'].get('method') if f['repair'] else 'none'}): "
         f"dense {f['dense']['perplexity']:.2f}, best {f['best']['perplexity']:.2f}"
         + (f", one-shot seed {f['seed']['perplexity']:.2f}" if f["seed"] else ""),
-        *([f"compact model, repaired, untrained: {summary['compact']} (evaluators.export.load_pruned loads it)"]
+        *([f"compact model, repaired, untrained: {summary['compact']['folder']} (evaluators.export.load_pruned loads it)"]
           if summary["compact"] else []),
         f"next: {summary['next']}",
         f"  or export it again: {summary['export_only']}",

@@ -151,6 +151,8 @@ def test_a_run_stops_by_patience_and_summarizes_what_the_user_got(llama_dir, tex
     assert summary["fitness"]["best"]["perplexity"] <= summary["fitness"]["seed"]["perplexity"]
     assert summary["fitness"]["repair"]["method"] == "lsq"
     assert (tmp_path / "p" / "summary.png").stat().st_size > 1000
+    assert summary["compact"]["folder"] == str(tmp_path / "p" / "compact") and "compact model" in done.stdout
+    assert (tmp_path / "p" / "compact" / "model.safetensors").is_file()
 
 
 def test_kl_fitness_is_searched_and_recorded(llama_dir, text_file, tmp_path):
