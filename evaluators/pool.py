@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError, RayTaskError
 
-from chromosomes import validate
+from chromosomes import to_string, validate
 from chromosomes.width import Unit
 from evaluators.config import EvaluatorConfig
 from evaluators.fitness import DeviceMemoryError, Evaluator, Fitness, ModelEvaluator
@@ -248,7 +248,8 @@ class RayEvaluatorPool:
         genes = [validate(individual, self.num_layers) for individual in population]  # refuse before any work
         if not genes:
             return []
-        order = sorted(range(len(genes)), key=genes.__getitem__)
+        keys = [to_string(individual) for individual in genes]  # width genes do not compare with ints
+        order = sorted(range(len(genes)), key=keys.__getitem__)  # shared leading layers share a chunk
         chunks = contiguous_chunks(order, min(len(genes), len(self._actors) * self.chunks_per_actor))
         report = GenerationReport(len(chunks))
         results: list[Fitness | None] = [None] * len(genes)

@@ -89,6 +89,11 @@ def test_pool_scores_exactly_like_the_in_process_evaluator(gpu_pool, reference, 
     assert gpu_pool.describe() == ModelEvaluator(config).describe()
 
 
+def test_pool_scores_width_genomes_like_the_in_process_evaluator(gpu_pool, config):
+    joint = [[1, (1, 32), (2, 0), (0, 64), 1, 1], [1, 1, 1, 1, 0, 1], [1, (2, 64), 1, 1, 1, (1, 0)]]
+    assert nll_and_tokens(gpu_pool.evaluate(joint)) == nll_and_tokens(ModelEvaluator(config).evaluate(joint))
+
+
 def test_pool_block_influence_equals_the_in_process_one(gpu_pool, config):
     influence = gpu_pool.block_influence()
     assert influence == ModelEvaluator(config).block_influence()
