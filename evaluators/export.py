@@ -150,6 +150,11 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | None = None, device: st
                           () if "mlp" in entry["skip"] else tuple(range(entry["intermediate_size"])))
         layers[index] = narrowed(layers[index], keep, family, geometry, channels)
     state = load_file(str(folder / "model.safetensors"), device=str(device or "cpu"))
+    if config.tie_word_embeddings:  # safetensors keeps one name of a shared tensor: either may be the one
+        embedding = next(name for name, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+        head = next((name for name in state if name.endswith("lm_head.weight")), None)
+        if embedding not in state and head is not None:
+            state[embedding] = state.pop(head)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {name for name in missing if name.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

@@ -323,3 +323,28 @@ def test_a_mixture_of_experts_is_refused_widths_by_name(tiny_models, text_file, 
     with pytest.raises(SystemExit):
         search(tiny_models["mixtral"], text_file, tmp_path / "moe", "--space", "sublayers")
     assert "mixture of experts" in capsys.readouterr().err and not (tmp_path / "moe").exists()
+
+
+@pytest.mark.parametrize("kept", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_a_tied_export_loads_under_whichever_name_its_shared_matrix_was_saved(kept, tmp_path):
+    """safetensors keeps one name of a shared tensor; an actor's export kept lm_head's."""
+    from safetensors.torch import load_file, save_file
+
+    from evaluators.config import EvaluatorConfig
+    from evaluators.fitness import ModelEvaluator
+    from tests.tiny import build_model, grammar_text
+    model = build_model("llama", tmp_path / "dense")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text(grammar_text(400, seed=3))
+    scorer = ModelEvaluator(EvaluatorConfig(model=str(tmp_path / "dense"), data=str(tmp_path / "text.txt"),
+                                            seq_len=32, score_tokens=64, ranking_tokens=64, repair="none"))
+    scorer.export([1, (1, 32), 1, (2, 64), 1, 1], str(tmp_path / "cut"), {})
+    saved = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    matrix = saved.pop("model.embed_tokens.weight", None)
+    matrix = saved.pop("lm_head.weight", matrix)
+    save_file({**saved, kept: matrix}, str(tmp_path / "cut" / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_pruned(tmp_path / "cut")
+    assert torch.equal(loaded.get_input_embeddings().weight, matrix)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
