@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from finetune.config import RESUMABLE, HealConfig
 from gaprune.options import (
     add_config_arguments, add_run_file_arguments, config_from_args, fail, interrupt_status, parse_with_run_file,
-    print_run_file, terminate_like_interrupt,
+    print_run_file, resumed_folder, terminate_like_interrupt,
 )
 
 
@@ -61,10 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def output_folder(args: argparse.Namespace, config: HealConfig) -> Path:
     """The folder this command writes: --resume's, --out, or named after the plan beside the chromosome."""
     if args.resume:
-        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-            raise ValueError(f"--resume {args.resume} continues the run that writes that folder: --out {args.out} "
-                             "names another")
-        return Path(args.resume)
+        return resumed_folder(args.resume, args.out)
     return Path(args.out) if args.out else default_out(args.chromosome, config)
 
 

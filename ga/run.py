@@ -24,7 +24,7 @@ from evaluators.workers import WorkerConfig
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig, saved_search
 from gaprune.options import (
-    add_config_arguments, add_run_file_arguments, fail, interrupt_status, parse_with_run_file, print_run_file, say,
+    add_config_arguments, add_run_file_arguments, fail, interrupt_status, parse_with_run_file, print_run_file, resumed_folder, say,
     terminate_like_interrupt,
 )
 
@@ -72,9 +72,10 @@ def refuse_changed_settings(args: argparse.Namespace, given: set[str], saved: di
 def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[RunFolder, dict[str, Any]]:
     """The run folder and its configuration: new from the options, or the saved one with overrides."""
     if args.resume:
-        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-            raise RunError(f"--resume {args.resume} continues that run folder: --out {args.out} names another")
-        folder = RunFolder(args.resume)
+        try:
+            folder = RunFolder(resumed_folder(args.resume, args.out))
+        except ValueError as error:
+            raise RunError(str(error)) from None
         saved = folder.read_config()
         search, evaluator = saved_search(saved["search"]), saved_evaluator(saved["evaluator"])
         refuse_changed_settings(args, given, {**search, **evaluator})

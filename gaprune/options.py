@@ -142,6 +142,14 @@ def print_run_file(sections: dict[str, dict[str, Any]]) -> None:
     print(yaml.safe_dump(kept, sort_keys=False, default_flow_style=False), end="")
 
 
+def resumed_folder(resume: str, out: str | None) -> Path:
+    """The folder --resume continues; --out may name it again but not another (both commands
+    write where they resume)."""
+    if out and Path(out).resolve() != Path(resume).resolve():
+        raise ValueError(f"--resume {resume} continues the run that writes that folder: --out {out} names another")
+    return Path(resume)
+
+
 def say(message: str, progress: bool = True) -> None:
     """One line on stderr about the phase that starts now (progress bars cover the long ones)."""
     if progress:

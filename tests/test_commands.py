@@ -142,3 +142,11 @@ def test_a_wrong_setting_is_answered_before_torch_loads(argv, message):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stderr
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("command, argv", [("search", []), ("heal", ["--chromosome", "x.json"])])
+def test_resume_and_out_must_name_the_same_folder_in_every_command(command, argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as failure:
+        gaprune([command, *argv, "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert failure.value.code == 2
+    assert f"--resume {tmp_path / 'a'} continues the run that writes that folder" in capsys.readouterr().err
