@@ -1,10 +1,14 @@
-"""Heal one chromosome with each plan (norm, qv, wide, tail), from the raw and from the repaired
-cut, and tabulate dev perplexity before and after.
+"""Heal one chromosome with each plan (norm, qv, wide, tail) and each loss (lm, kd, mix), from the
+raw and from the repaired cut, and tabulate dev perplexity before and after.
 
     python -m experiments.heal_plans --chromosome runs/<name>/best.json --data-dir ../shared/data
+    python -m experiments.heal_plans --chromosome ... --plans qv --repairs lsq --losses lm,kd --equal-time
 
-Every run calls `finetune.heal` with the same settings (only the plan and the seam repair
-differ), so the table shows what repair buys before and after training at equal steps. Held-out
+Every run calls `finetune.heal` with the same settings (only the plan, the loss and the seam
+repair differ), so the table shows what repair buys before and after training at equal steps.
+Distillation pays a teacher forward per step, so equal steps flatter it: --equal-time adds, for
+every run with another loss, an lm run of the same plan and repair given as many steps as fit in
+that run's training time at the lm run's measured pace. Held-out
 text is the dev texts by default (choosing a plan is what dev text is for). Runs are on CPU
 unless --device says otherwise. The defaults are sized for SmolLM2-135M (22 layers left) on 2 CPU cores:
 40 steps of 4 x 512 tokens at a peak learning rate of 1e-3 (a short schedule wants a higher peak
@@ -16,6 +20,7 @@ per plan. Writes experiments/results/heal_plans-<name>.{json,csv,md}; the healed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chromosome", required=True, metavar="BEST_JSON", help="chromosome file from the GA")
     parser.add_argument("--plans", default=",".join(PLANS), help="plans to compare, comma-separated (default: all)")
+    parser.add_argument("--losses", default="lm", help="training losses to compare, comma-separated (default: lm)")
+    parser.add_argument("--equal-time", action="store_true",
+                        help="also train lm for as long as each other loss's run took (needs lm among --losses)")
     parser.add_argument("--repairs", default=",".join(REPAIRS), help="seam repairs of the starting point, "
                         "comma-separated (default: none,lsq)")
     parser.add_argument("--eval-texts", default=",".join(DEV_TEXTS), help="held-out texts (default: the dev texts)")
@@ -60,16 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_configs(args: argparse.Namespace) -> list[HealConfig]:
-    """One healing configuration per repair and plan, identical apart from those (validated before any run)."""
+    """One healing configuration per repair, plan and loss, identical apart from those (validated before any run)."""
     settings = dict(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
                     lr=args.lr, eval_tokens=args.eval_tokens, eval_texts=args.eval_texts, device=args.device,
-                    data_dir=args.data_dir, seed=args.seed, checkpoint_every=0)
-    return [HealConfig(plan=plan.strip(), repair=repair.strip(), **settings)
-            for repair in args.repairs.split(",") for plan in args.plans.split(",")]
+                    data_dir=args.data_dir, seed=args.seed, checkpoint_every=0, efficiency=False)
+    return [HealConfig(plan=plan.strip(), repair=repair.strip(), loss=loss.strip(), **settings)
+            for repair in args.repairs.split(",") for plan in args.plans.split(",") for loss in args.losses.split(",")]
+
+
+def equal_time_configs(configs: Sequence[HealConfig], rows: Sequence[dict[str, Any]]) -> list[HealConfig]:
+    """For each run with a loss other than lm: lm on the same plan and repair, with the steps that
+    fit in that run's training time at the lm run's pace (warm-up kept)."""
+    pace = {(c.repair, c.plan): row["train s"] / c.steps for c, row in zip(configs, rows) if c.loss == "lm"}
+    return [dataclasses.replace(c, loss="lm", steps=max(1, round(row["train s"] / pace[(c.repair, c.plan)])))
+            for c, row in zip(configs, rows) if c.loss != "lm" and (c.repair, c.plan) in pace]
 
 
 def table_row(report: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
     row = {"repair": report["surgery_settings"]["repair"], "plan": report["config"]["plan"],
+           "loss": report["config"]["loss"],
            "trained parameters": report["parameters"]["trained"],
            "steps": report["training"]["steps"], "tokens": report["training"]["tokens"]}
     for name, after in report["after"].items():
@@ -86,18 +103,21 @@ def heal_each_plan(chromosome: str, configs: Sequence[HealConfig], models: Path,
     rows, reports = [], []
     for config in configs:
         started = time.perf_counter()
-        folder = models / f"healed-{config.repair}-{config.plan}"
+        folder = models / f"healed-{config.repair}-{config.plan}-{config.loss}-{config.steps}"
         report = run(prepare(chromosome, config, folder, replace=True), progress)
         rows.append(table_row(report, time.perf_counter() - started))
         reports.append(report)
-        print(f"{config.repair} {config.plan}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                                             for k, v in rows[-1].items() if k not in ("plan", "repair")),
-              flush=True)
+        print(f"{config.repair} {config.plan} {config.loss}: " + ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()
+            if k not in ("plan", "repair", "loss")), flush=True)
     return rows, reports
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.equal_time and "lm" not in args.losses.split(","):
+        parser.error("--equal-time measures lm's pace: add lm to --losses")
     try:
         configs = plan_configs(args)
     except ValueError as error:
@@ -107,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = Path(args.models) if args.models else Path(scratch)
         try:
             rows, reports = heal_each_plan(args.chromosome, configs, models, args.progress)
+            if args.equal_time:
+                more_rows, more_reports = heal_each_plan(args.chromosome, equal_time_configs(configs, rows), models,
+                                                         args.progress)
+                rows, reports = rows + more_rows, reports + more_reports
         except INPUT_ERRORS as error:
             fail(str(error))
     first = reports[0]

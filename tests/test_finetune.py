@@ -515,3 +515,12 @@ def test_distillation_healing_brings_the_cut_model_towards_the_dense_one(llama_d
         kl[loss] = fidelity(healed, blocks, 4, reference)["kl"]
     assert kl["kd"] < kl["mix"] < kl["lm"] and kl["kd"] < kl["cut"], kl
     assert json.loads((tmp_path / "kd" / "report.json").read_text())["config"]["loss"] == "kd"
+
+
+def test_equal_time_gives_lm_the_steps_another_loss_took_at_lms_pace():
+    """experiments.heal_plans --equal-time: distillation's slower steps buy lm more of them."""
+    from experiments.heal_plans import equal_time_configs
+    configs = [HealConfig(plan=plan, loss=loss, steps=16, warmup=2) for plan in ("qv", "wide") for loss in ("lm", "kd")]
+    rows = [{"train s": seconds} for seconds in (160.0, 240.0, 200.0, 300.0)]
+    extra = equal_time_configs(configs, rows)
+    assert [(c.plan, c.loss, c.steps, c.warmup) for c in extra] == [("qv", "lm", 24, 2), ("wide", "lm", 24, 2)]
