@@ -9,7 +9,9 @@ whose MLP is gone), so a linear map T on that output can move it towards the den
     fit T to minimise || h + f(h) T - dense ||^2 + ridge * ||T - I||^2
 
 and fold it into the weights, W <- T^T W (bias b <- T^T b): same architecture, same parameter
-count, a plain Hugging Face model (ReplaceMe and LinearPatch fold such maps too). Whole layers
+count, a plain Hugging Face model (ReplaceMe and LinearPatch fold such maps too). In a mixture
+of experts the MLP's output is the router's weighted sum of its experts' down projections (plus
+a shared expert's): linear in each, so the map is fitted on that output and folded into all. Whole layers
 removed are runs of two sub-layers each, so a depth genome gets the maps it always got.
 The normal equations are accumulated in fp64 over batches, so memory grows with hidden^2 and
 never with the number of tokens. Every token counts, the first of each window too: leaving
@@ -39,6 +41,7 @@ sharing leading layers share it). Fits are cached within a byte budget.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -106,23 +109,46 @@ def seam_targets(stack: LayerStack, num_layers: int, min_run: int = 1) -> list[S
             if after - index - 1 >= max(1, 2 * min_run - 1)]
 
 
-def check_repairable(layer: nn.Module, family: LayerFamily) -> None:
-    """Refuse a family whose sub-layers have no single output projection to fold a map into."""
-    if family.experts:
-        raise RepairError(f"seam repair is not supported for {type(layer).__name__}: its MLP is a mixture of "
-                          "experts, with no single output projection to fold a map into (use --repair none)")
-
-
 def distilled(family: LayerFamily) -> bool:
     """Whether a norm between a sub-layer's projection and the residual stream makes its maps a
     gradient fit (the closed form assumes the projection's output is added as it is)."""
     return bool(family.mlp_output_norm or family.attention_output_norm)
 
 
+def writer_path(family: LayerFamily, path: str) -> str:
+    """The module whose output a map at `path` multiplies: the projection itself, or for a
+    mixture of experts the whole MLP (the router's weighted sum of experts, plus any shared
+    expert, is linear in each of their down projections' outputs)."""
+    return family.mlp if family.experts and path == family.down else path
+
+
 def output_projection(layer: nn.Module, family: LayerFamily, path: str) -> nn.Linear:
     """The linear map at `path` (down_proj, or o_proj) that writes into the residual stream."""
-    check_repairable(layer, family)
     return _linear(layer, family, path, "use --repair none" if path == family.down else "use --repair lsq")
+
+
+def written_weights(layer: nn.Module, family: LayerFamily, path: str) -> list[torch.Tensor]:
+    """The weights a map at `path` is folded into (refusing a layer that has none to fold into)."""
+    if writer_path(family, path) != path:
+        return [weight for _, weight, _ in _expert_writers(family.module(layer, family.mlp))]
+    return [output_projection(layer, family, path).weight]
+
+
+def _expert_writers(mlp: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    """A mixture's writers into the residual stream: (child, weight, transposed) for the stacked
+    experts' down projections ([experts, hidden, intermediate], or transposed) and a shared
+    expert's down_proj; refused by name when there is none, or something else writes too."""
+    writers = []
+    for name, child in mlp.named_children():
+        down = getattr(child, "down_proj", None)
+        if isinstance(down, nn.Parameter) and down.dim() == 3:
+            writers.append((name, down, bool(getattr(child, "is_transposed", False))))
+        elif isinstance(down, nn.Linear):
+            writers.append((name, down.weight, False))
+    if not any(weight.dim() == 3 for _, weight, _ in writers):
+        raise RepairError(f"seam repair is not supported for {type(mlp).__name__}: no stacked experts' down_proj "
+                          "to fold a map into (use --repair none)")
+    return writers
 
 
 def _linear(layer: nn.Module, family: LayerFamily, path: str, remedy: str) -> nn.Linear:
@@ -137,22 +163,49 @@ def _linear(layer: nn.Module, family: LayerFamily, path: str, remedy: str) -> nn
 
 def with_output_map(layer: nn.Module, transform: torch.Tensor, family: LayerFamily, path: str | None = None) -> nn.Module:
     """A copy of the layer whose projection at `path` (default down_proj) has its output multiplied
-    by `transform` [H, H] (W <- T^T W).
+    by `transform` [H, H] (W <- T^T W); for a mixture of experts, every expert's and any shared
+    expert's down projection, so the MLP's output is multiplied.
 
     Only the modules on the way to that projection are new objects; every other submodule is the
-    dense layer's own, so a repaired view costs one hidden x intermediate matrix, not a whole layer.
+    dense layer's own, so a repaired view costs one hidden x intermediate matrix (per expert), not
+    a whole layer.
     """
     path = path or family.down
-    down = output_projection(layer, family, path)
     t = transform.to(torch.float64)
-    new_down = nn.Linear(down.in_features, down.out_features, bias=down.bias is not None,
-                         device=down.weight.device, dtype=down.weight.dtype)
+    if writer_path(family, path) != path:
+        mlp = family.module(layer, family.mlp)
+        for name, _, _ in _expert_writers(mlp):
+            child = mlp._modules[name]
+            folded = _folded_experts(child, t) if isinstance(child.down_proj, nn.Parameter) else \
+                family.replaced(child, "down_proj", _folded_linear(child.down_proj, t))
+            layer = family.replaced(layer, f"{family.mlp}.{name}", folded)
+        return layer
+    return family.replaced(layer, path, _folded_linear(output_projection(layer, family, path), t))
+
+
+def _folded_linear(linear: nn.Linear, t: torch.Tensor) -> nn.Linear:
+    """A new linear layer whose output is the old one's times t (fp64 product)."""
+    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
-        new_down.weight.copy_((t.T @ down.weight.double()).to(down.weight.dtype))
-        if down.bias is not None:
-            new_down.bias.copy_((t.T @ down.bias.double()).to(down.bias.dtype))
-    new_down.requires_grad_(False)
-    return family.replaced(layer, path, new_down)
+        new.weight.copy_((t.T @ linear.weight.double()).to(linear.weight.dtype))
+        if linear.bias is not None:
+            new.bias.copy_((t.T @ linear.bias.double()).to(linear.bias.dtype))
+    return new.requires_grad_(False)
+
+
+def _folded_experts(experts: nn.Module, t: torch.Tensor) -> nn.Module:
+    """A shallow copy of a stacked-experts module whose down projections (and their biases) have
+    every expert's output multiplied by t; its other weights are the original's own."""
+    copied = copy.copy(experts)
+    copied._parameters = OrderedDict(experts._parameters)
+    down = experts.down_proj
+    folded = down.double() @ t if getattr(experts, "is_transposed", False) else t.T @ down.double()
+    copied._parameters["down_proj"] = nn.Parameter(folded.to(down.dtype), requires_grad=False)
+    bias = getattr(experts, "down_proj_bias", None)
+    if isinstance(bias, nn.Parameter):
+        copied._parameters["down_proj_bias"] = nn.Parameter((bias.double() @ t).to(bias.dtype), requires_grad=False)
+    return copied
 
 
 def output_scale(model: PreTrainedModel, family: LayerFamily) -> float:
@@ -198,6 +251,28 @@ def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: tor
                           f"output to the residual stream as it is (a norm after the MLP?; doubling it moved the "
                           f"layer output {error:.2f} away from one MLP output), so a map folded into down_proj "
                           "would not do what was fitted; use --repair none")
+
+
+@torch.no_grad()
+def check_mixture_folds(model: PreTrainedModel, layer: nn.Module, ids: torch.Tensor, family: LayerFamily) -> None:
+    """Refuse a mixture of experts whose output a map folded into its down projections does not
+    multiply (another writer, a non-linear mixing): a random map, folded, must give the MLP's
+    output times that map on the layer's own input. Checked once, on a few tokens."""
+    mlp = family.module(layer, family.mlp)
+    inputs: list[torch.Tensor] = []
+    hook = mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    try:
+        model.model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        hook.remove()
+    size = model.config.hidden_size
+    transform = torch.eye(size, dtype=torch.float64) + random_rotation(size) / 4
+    folded = family.module(with_output_map(layer, transform.to(inputs[0].device), family), family.mlp)
+    expected = mlp(inputs[0]).double() @ transform.to(inputs[0].device)
+    error = float((folded(inputs[0]).double() - expected).norm() / expected.norm().clamp_min(1e-12))
+    if not error < 1e-2:
+        raise RepairError(f"seam repair is not supported for {type(mlp).__name__}: a map folded into its experts' "
+                          f"down projections does not multiply its output (off by {error:.2f}); use --repair none")
 
 
 class NormalEquations:
@@ -263,13 +338,15 @@ class SeamRepairer:
         self.paths = {"attention": (family.o,), "mlp": (family.o, family.down) if method == "lsq-attn" else (family.down,)}
         for layer in dense_layers:
             for path in (family.o, family.down):  # refuse an unsupported layout before any work
-                output_projection(layer, family, path)
+                written_weights(layer, family, path)
         self.distil = distilled(family)
         if self.distil and method == "scale":
             raise RepairError(f"repair scale needs the closed form, which a norm after each sub-layer of "
                               f"{type(dense_layers[0]).__name__} rules out: use --repair lsq (fitted by gradient)")
         if not self.distil:
             check_mlp_output_is_added(model, dense_layers[0], blocks[:1, :PROBE_TOKENS], family)
+        if family.experts:
+            check_mixture_folds(model, dense_layers[0], blocks[:1, :PROBE_TOKENS], family)
         self.scale = output_scale(model, family)
         self.model = model
         self.family = family
@@ -373,7 +450,7 @@ class SeamRepairer:
 
     def _remember(self, key: Hashable, module: nn.Module, state: list[torch.Tensor], kind: str) -> None:
         """Cache a fit, dropping the least recently used ones beyond the cache's byte budget."""
-        weights = [output_projection(module, self.family, path).weight for path in self.paths[kind]]
+        weights = [w for path in self.paths[kind] for w in written_weights(module, self.family, path)]
         size = sum(t.numel() * t.element_size() for t in [*weights, *state])
         self._fitted[key] = (module, state, size)
         self._cached_bytes += size
@@ -399,7 +476,7 @@ class SeamRepairer:
             outputs, writes = [], []
             for batch, ids in enumerate(self._batches()):
                 captured = self._run(ids, [*segment[:-1], layer], types, None if state is None else state[batch],
-                                     {"out": layer, "written": self.family.module(layer, path)})
+                                     {"out": layer, "written": self.family.module(layer, writer_path(self.family, path))})
                 out, written = captured["out"], captured["written"] * self.scale  # as the residual stream gets it
                 rest = out - written  # what the layer adds besides this projection's output
                 equations.add(written, dense[batch] - rest)
@@ -422,7 +499,7 @@ class SeamRepairer:
             transform = torch.eye(size, device=self.device, requires_grad=True)
             optimizer = torch.optim.Adam([transform], lr=DISTIL_LR)
             best = (math.inf, torch.eye(size, device=self.device))
-            hook = self.family.module(layer, path).register_forward_hook(
+            hook = self.family.module(layer, writer_path(self.family, path)).register_forward_hook(
                 lambda _m, _a, out: out @ transform.to(out.dtype))
             try:
                 with torch.enable_grad():

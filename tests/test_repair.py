@@ -266,10 +266,26 @@ def test_the_fit_cache_keeps_within_its_byte_budget(llama_dir, text_file):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_a_mixture_of_experts_is_refused_seam_repair_by_name(family, tiny_models, text_file):
-    """A mixture of experts has no single output projection to fold a map into."""
-    evaluator = make(tiny_models[family], text_file)
-    with pytest.raises(RepairError, match=r"its MLP is a mixture of experts.*--repair none"):
-        evaluator.evaluate([[1, 0, 1, 1, 0, 1]])
-    unrepaired = make(tiny_models[family], text_file, repair="none")
-    assert unrepaired.evaluate([[1, 0, 1, 1, 0, 1]])[0].nll < 20
+def test_folding_a_map_into_a_mixture_multiplies_its_output(family, tiny_models):
+    """Every expert's down projection takes the map, so the router's weighted sum does too."""
+    from evaluators.families import family_of
+    from evaluators.models import load_model
+    model, _ = load_model(str(tiny_models[family]))
+    layer, moe = model.model.layers[1], family_of(model)
+    transform = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 6
+    folded = with_output_map(layer, transform, moe)
+    x = torch.randn(3, 7, 32)
+    assert torch.allclose(folded.mlp(x), layer.mlp(x) @ transform, atol=1e-5)
+    assert folded.mlp.gate is layer.mlp.gate and folded.mlp.experts.gate_up_proj is layer.mlp.experts.gate_up_proj
+    assert folded.mlp.experts.down_proj is not layer.mlp.experts.down_proj
+
+
+def test_a_mixture_without_stacked_experts_is_refused_seam_repair_by_name(tiny_models, text_file):
+    from evaluators.repair import written_weights
+    from evaluators.families import family_of
+    from evaluators.models import load_model
+    model, _ = load_model(str(tiny_models["mixtral"]))
+    layer = model.model.layers[0]
+    del layer.mlp.experts
+    with pytest.raises(RepairError, match=r"no stacked experts' down_proj.*--repair none"):
+        written_weights(layer, family_of(model), family_of(model).down)

@@ -31,7 +31,8 @@ FAMILIES = {
     # by gradient (a norm follows each sub-layer).
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 16}),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 16}),
-    # Mixtures of experts (experts as stacked 3-d weights): skip/keep only.
+    # Mixtures of experts (experts as stacked 3-d weights): skip/keep only; seam maps fold into
+    # every expert's down projection.
     "mixtral": (MixtralConfig, MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, {"num_experts": 4, "num_experts_per_tok": 2,
                                                         "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
@@ -46,7 +47,7 @@ FAMILIES = {
                                                     "logits_scaling": 2.0, "attention_multiplier": 0.2}),
 }
 MERGEABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")
-REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3", "olmo2")
+REPAIRABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3", "olmo2", "mixtral", "qwen3_moe")
 WIDTHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")  # not experts
 
 NOUNS = "cat dog bird fish lion horse mouse wolf bear fox owl frog".split()
