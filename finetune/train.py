@@ -1,11 +1,12 @@
 """The healing loop: AdamW on the adapter and norm weights, on the calibration text.
 
 One loop in comment-headed phases (optimizer, resume, then per step: forward/backward,
-update, log, evaluate, checkpoint), with its helpers just above it. The loss is the same
-chunked next-token NLL the perplexity protocol uses (so training and evaluation agree on what a
-token costs), or distillation from the dense model: the KL divergence of the student's
-next-token distribution from the teacher's, computed chunk by chunk from the teacher's final
-hidden states so that tokens x vocabulary logits are never held whole.
+update, log, evaluate, checkpoint), with its helpers just above it. The loss is the next-token
+NLL the perplexity protocol measures (so training and evaluation agree on what a token costs),
+or distillation from the dense model: the KL divergence of the student's next-token
+distribution from the teacher's, computed from the teacher's final hidden states. Either is
+summed over chunks of tokens whose logits are recomputed in the backward pass, so that tokens x
+vocabulary logits are never held whole.
 """
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ import re
 import time
 from functools import partial
 from pathlib import Path
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from evaluators.perplexity import LOGIT_CHUNK, nll_of_hidden, perplexity, predicted_tokens
+from evaluators.perplexity import LOGIT_CHUNK, perplexity, predicted_tokens
 from finetune.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from finetune.config import HealConfig
 from finetune.model import causal_lm, trainable_parameters
@@ -100,29 +103,56 @@ class BlockOrder:
                              for k in range(first, first + size)])
 
 
+def chunked_sum(loss: Callable[..., torch.Tensor], *rows: torch.Tensor) -> torch.Tensor:
+    """The sum of `loss` over LOGIT_CHUNK-row chunks of `rows` (token rows: hidden states, targets).
+
+    A chunk's [tokens, vocab] logits would be kept for the backward pass, so chunking alone bounds
+    nothing in training; with more than one chunk each is recomputed in the backward pass
+    (activation checkpointing), and only one chunk's logits are alive at a time. One chunk (the
+    default model's batches on a CPU) is computed directly, at no extra cost.
+    """
+    count = rows[0].shape[0]
+    if count <= LOGIT_CHUNK:
+        return loss(*rows)
+    return sum(checkpoint(loss, *(r[start:start + LOGIT_CHUNK] for r in rows), use_reentrant=False)
+               for start in range(0, count, LOGIT_CHUNK))
+
+
 def lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of windows ids [batch, seq_len], through the adapted decoder."""
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [batch, seq_len, hidden]
-    return nll_of_hidden(model, hidden, ids) / predicted_tokens(ids)
+    head = model.get_output_embeddings()
+
+    def nll(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(states).float()
+        return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+
+    states, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+    return chunked_sum(nll, states, targets) / predicted_tokens(ids)
 
 
 def kd_loss(model: PreTrainedModel, teacher: PreTrainedModel, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean KL(teacher || student) per predicted token of windows ids, at `temperature` (scaled
-    by its square, as Hinton et al. keep gradients comparable across temperatures)."""
+    by its square, as Hinton et al. keep gradients comparable across temperatures).
+
+    The teacher runs on each step's windows as they come, and only its final hidden states are
+    kept; its logits are recomputed chunk by chunk. Cached top-k teacher logits would save that
+    forward only for windows seen more than once, which a short heal on a long text rarely does.
+    """
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
     with torch.no_grad():
         reference = teacher.model(input_ids=ids.to(teacher.device), use_cache=False).last_hidden_state
     head, teacher_head = model.get_output_embeddings(), teacher.get_output_embeddings()
+
+    def kl(states: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(head(states).float() / temperature, dim=-1)
+        with torch.no_grad():
+            log_q = F.log_softmax(teacher_head(dense).float() / temperature, dim=-1).to(log_p.device)
+        return F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     dense = reference[:, :-1].reshape(-1, reference.shape[-1])
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, states.shape[0], LOGIT_CHUNK):
-        chunk = slice(start, start + LOGIT_CHUNK)
-        log_p = torch.log_softmax(head(states[chunk]).float() / temperature, dim=-1)
-        with torch.no_grad():
-            log_q = torch.log_softmax(teacher_head(dense[chunk]).float() / temperature, dim=-1).to(log_p.device)
-        total = total + torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="sum")
-    return total * temperature ** 2 / predicted_tokens(ids)
+    return chunked_sum(kl, states, dense) * temperature ** 2 / predicted_tokens(ids)
 
 
 def step_loss(model: PreTrainedModel, teacher: PreTrainedModel | None, ids: torch.Tensor, config: HealConfig

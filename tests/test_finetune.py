@@ -499,6 +499,26 @@ def test_kd_loss_is_zero_for_the_teacher_itself_and_matches_the_measured_kl(llam
     assert float(kd_loss(cut, model, ids, 1.0)) == pytest.approx(measured, rel=1e-4) and measured > 0
 
 
+@pytest.mark.parametrize("loss", ["lm", "kd"])
+def test_losses_over_several_chunks_give_the_same_value_and_gradients_as_one(loss, llama_dir, text_file, monkeypatch):
+    """The chunks recomputed in the backward pass change memory, not the numbers."""
+    from finetune.train import kd_loss, lm_loss
+    teacher, tokenizer = load_model(str(llama_dir))
+    ids = text_blocks(str(text_file), tokenizer, 32, 256)
+
+    def value_and_gradient(chunk: int) -> tuple[float, torch.Tensor]:
+        monkeypatch.setattr(finetune.train, "LOGIT_CHUNK", chunk)
+        student = cut_layers(load_model(str(llama_dir))[0], SKIP_ONLY)
+        norm = student.model.norm.weight.requires_grad_(True)
+        value = lm_loss(student, ids) if loss == "lm" else kd_loss(student, teacher, ids, 2.0)
+        value.backward()
+        return float(value.detach()), norm.grad.clone()
+
+    whole, chunked = value_and_gradient(4096), value_and_gradient(50)  # 248 predicted tokens: 5 chunks
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
+    assert torch.allclose(chunked[1], whole[1], rtol=1e-4, atol=1e-7)
+
+
 def test_distillation_healing_brings_the_cut_model_towards_the_dense_one(llama_dir, text_file, held_out, tmp_path):
     """The tiny dense model is untrained, so language modelling on the text pulls away from it:
     the more of the loss is distillation, the nearer the healed model ends to its teacher."""
