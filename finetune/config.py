@@ -23,11 +23,11 @@ PLANS: dict[str, tuple[str, ...]] = {
     "tail": (),
 }
 
-# Settings that change how a run is carried out or logged but not what it computes:
-# `--resume` accepts new values for these and refuses changes to any other setting.
 LOSSES = ("lm", "kd", "mix")
 
-RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir", "efficiency", "measure"})
+# Settings that change how a run is carried out or logged but not what it computes:
+# `--resume` accepts new values for these and refuses changes to any other setting.
+RESUMABLE = frozenset({"checkpoint_every", "eval_every", "data_dir", "efficiency", "measure", "teacher_device"})
 
 
 @dataclass
@@ -56,6 +56,10 @@ class HealConfig(Settings):
     kd_temperature: float = field(default=1.0, metadata={"help": "kd and mix: softmax temperature of teacher and "
                                                                  "student (the KL is scaled by its square)"})
     kd_weight: float = field(default=0.5, metadata={"help": "mix: the weight of kd in the loss"})
+    teacher_device: str | None = field(default=None, metadata={"help": "kd and mix: where the teacher runs (default: "
+                                                                       "--device; another GPU leaves the student's "
+                                                                       "memory to training); on a GPU it is checked "
+                                                                       "to fit before it loads"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, no weight decay)"})
     warmup: int = field(default=20, metadata={"help": "steps of linear warm-up; then cosine decay to lr / 10"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass (training and evaluation)"})

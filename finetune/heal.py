@@ -110,6 +110,23 @@ def prepare(chromosome: str | Path, config: HealConfig, out: str | Path, replace
                     state, resume_from, settings or {"healing": config.to_dict()})
 
 
+def weight_bytes(spec: str, dtype: torch.dtype) -> int:
+    """The dense model's weights in `dtype`, counted on the meta device (nothing allocated)."""
+    config = transformers.AutoConfig.from_pretrained(model_folder(spec))
+    with torch.device("meta"):
+        shapes = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in shapes.parameters()) * dtype.itemsize
+
+
+def check_teacher_fits(teacher_bytes: int, free_bytes: int, device: torch.device) -> None:
+    """Refuse, before the output folder opens and the teacher loads, a teacher that would not fit
+    in what the student left free (a tenth of it kept for the teacher's activations)."""
+    if teacher_bytes > 0.9 * free_bytes:
+        raise ValueError(f"the teacher (the dense model, {teacher_bytes / 2**30:.1f} GiB of weights) does not fit "
+                         f"beside the student on {device} ({free_bytes / 2**30:.1f} GiB free): put it on another "
+                         "device with --teacher-device (cuda:N or cpu), or heal with --loss lm")
+
+
 def check_harness(config: HealConfig) -> None:
     """lm-eval must be installed and know every task, with its data at hand."""
     try:
@@ -171,6 +188,10 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
     say(f"cutting {p.spec} to {p.record.num_layers - p.record.removed} of {p.record.num_layers} layers "
         f"(repair {surgery_settings(p.record, p.spec, config).repair})", progress)
     model, _ = build_compact(p.record, p.spec, config)
+    teacher_device = resolve_device(config.teacher_device or config.device)
+    if config.steps and config.loss != "lm" and teacher_device.type == "cuda":
+        check_teacher_fits(weight_bytes(p.spec, resolve_dtype(config.dtype, teacher_device)),
+                           torch.cuda.mem_get_info(teacher_device)[0], teacher_device)
     p.folder.open(resume=p.resume_from is not None)
     board = SummaryWriter(str(p.folder.tensorboard), purge_step=p.state.step or None)
     board.add_text("config", f"```\n{config.to_dict()}\n```", p.state.step)
@@ -190,7 +211,7 @@ def run(prepared: Prepared, progress: bool = True) -> dict[str, Any]:
         teacher = None
         if config.loss != "lm":
             say(f"loading the dense model {p.spec} as the teacher (--loss {config.loss})", progress)
-            teacher, _ = load_model(p.spec, config.dtype, config.device)
+            teacher, _ = load_model(p.spec, config.dtype, str(teacher_device))
         state = train(adapted, p.train_blocks, p.eval_blocks, config, p.dtype, p.folder, board, p.state,
                       p.resume_from, progress, teacher)
         del teacher

@@ -544,3 +544,13 @@ def test_equal_time_gives_lm_the_steps_another_loss_took_at_lms_pace():
     rows = [{"train s": seconds} for seconds in (160.0, 240.0, 200.0, 300.0)]
     extra = equal_time_configs(configs, rows)
     assert [(c.plan, c.loss, c.steps, c.warmup) for c in extra] == [("qv", "lm", 24, 2), ("wide", "lm", 24, 2)]
+
+
+def test_a_teacher_that_would_not_fit_beside_the_student_is_refused_with_the_numbers(llama_dir):
+    from finetune.heal import check_teacher_fits, weight_bytes
+    dense, _ = load_model(str(llama_dir))
+    size = weight_bytes(str(llama_dir), torch.bfloat16)
+    assert size == 2 * sum(p.numel() for p in dense.parameters())
+    check_teacher_fits(size, 10 * size, torch.device("cuda:0"))
+    with pytest.raises(ValueError, match=r"does not fit beside the student on cuda:0.*--teacher-device"):
+        check_teacher_fits(size, size, torch.device("cuda:0"))
