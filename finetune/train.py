@@ -59,11 +59,11 @@ def measure(model: PreTrainedModel, texts: dict[str, torch.Tensor], batch_size: 
 
 def log_measurements(board: SummaryWriter, results: Measurements, step: int) -> None:
     for name, figures in results.items():
-        board.add_scalar(f"eval/{_tag(name)}/perplexity", figures["perplexity"], step)
+        board.add_scalar(f"eval/{board_tag(name)}/perplexity", figures["perplexity"], step)
     board.flush()
 
 
-def _tag(name: str) -> str:
+def board_tag(name: str) -> str:
     """A text name (`ptb:test`, or a file path) as a TensorBoard tag component."""
     return re.sub(r"[^-\w.]", "_", name)
 

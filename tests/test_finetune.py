@@ -554,3 +554,20 @@ def test_a_teacher_that_would_not_fit_beside_the_student_is_refused_with_the_num
     check_teacher_fits(size, 10 * size, torch.device("cuda:0"))
     with pytest.raises(ValueError, match=r"does not fit beside the student on cuda:0.*--teacher-device"):
         check_teacher_fits(size, size, torch.device("cuda:0"))
+
+
+def test_the_heal_curve_reads_every_measurement_and_the_training_time_before_it(llama_dir, text_file, held_out,
+                                                                                tmp_path):
+    """experiments.heal_curve: before, each --eval-every point and after, with summed step times."""
+    from experiments.heal_curve import curve
+    best = chromosome(tmp_path, SKIP_ONLY, llama_dir, text_file)
+    config = HealConfig(steps=4, warmup=1, eval_every=2, batch_size=4, grad_accum=1, seq_len=64, lr=1e-2,
+                        data=str(text_file), eval_texts=str(held_out), eval_tokens=1024, eval_seq_len=64,
+                        device="cpu", checkpoint_every=0, efficiency=False)
+    report = finetune.heal.run(finetune.heal.prepare(best, config, tmp_path / "out"), progress=False)
+    rows = curve(tmp_path / "out" / "tb", config, report)
+    assert [row["step"] for row in rows] == [0, 2, 4]
+    assert rows[0][str(held_out)] == report["before"][str(held_out)]["perplexity"]
+    assert rows[-1][str(held_out)] == report["after"][str(held_out)]["perplexity"]
+    assert 0 == rows[0]["train minutes"] < rows[1]["train minutes"] < rows[2]["train minutes"]
+    assert rows[2]["train minutes"] * 60 == pytest.approx(report["training"]["seconds"], rel=0.5)
