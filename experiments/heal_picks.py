@@ -28,7 +28,7 @@ from chromosomes import from_string
 from chromosomes.record import ChromosomeRecord
 from evaluators.config import REPORT_TEXTS
 from experiments.report import RESULTS, save_results
-from finetune.config import HealConfig
+from finetune.config import LOSSES, HealConfig
 from finetune.heal import prepare, run
 from gaprune.files import write_json_atomic
 
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="methods whose picks are healed, in this order")
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps of every heal")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--loss", default="lm", choices=("lm", "kd", "mix"), help="training loss")
+    parser.add_argument("--loss", default="lm", choices=LOSSES, help="training loss")
     parser.add_argument("--seed", type=int, default=0, help="seed of every heal")
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="tokens of each test text")
     parser.add_argument("--data-dir", default=None)
