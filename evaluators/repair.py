@@ -130,22 +130,22 @@ def output_projection(layer: nn.Module, family: LayerFamily, path: str) -> nn.Li
 def written_weights(layer: nn.Module, family: LayerFamily, path: str) -> list[torch.Tensor]:
     """The weights a map at `path` is folded into (refusing a layer that has none to fold into)."""
     if writer_path(family, path) != path:
-        return [weight for _, weight, _ in _expert_writers(family.module(layer, family.mlp))]
+        return [weight for _, weight in _expert_writers(family.module(layer, family.mlp))]
     return [output_projection(layer, family, path).weight]
 
 
-def _expert_writers(mlp: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
-    """A mixture's writers into the residual stream: (child, weight, transposed) for the stacked
-    experts' down projections ([experts, hidden, intermediate], or transposed) and a shared
-    expert's down_proj; refused by name when there is none, or something else writes too."""
+def _expert_writers(mlp: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A mixture's writers into the residual stream: (child, weight) for the stacked experts' down
+    projections (a 3-d [experts, hidden, intermediate] weight, or transposed) and a shared expert's
+    down_proj (a linear layer); refused by name when there are no stacked experts."""
     writers = []
     for name, child in mlp.named_children():
         down = getattr(child, "down_proj", None)
         if isinstance(down, nn.Parameter) and down.dim() == 3:
-            writers.append((name, down, bool(getattr(child, "is_transposed", False))))
+            writers.append((name, down))
         elif isinstance(down, nn.Linear):
-            writers.append((name, down.weight, False))
-    if not any(weight.dim() == 3 for _, weight, _ in writers):
+            writers.append((name, down.weight))
+    if not any(weight.dim() == 3 for _, weight in writers):
         raise RepairError(f"seam repair is not supported for {type(mlp).__name__}: no stacked experts' down_proj "
                           "to fold a map into (use --repair none)")
     return writers
@@ -174,9 +174,9 @@ def with_output_map(layer: nn.Module, transform: torch.Tensor, family: LayerFami
     t = transform.to(torch.float64)
     if writer_path(family, path) != path:
         mlp = family.module(layer, family.mlp)
-        for name, _, _ in _expert_writers(mlp):
+        for name, weight in _expert_writers(mlp):
             child = mlp._modules[name]
-            folded = _folded_experts(child, t) if isinstance(child.down_proj, nn.Parameter) else \
+            folded = _folded_experts(child, t) if weight.dim() == 3 else \
                 family.replaced(child, "down_proj", _folded_linear(child.down_proj, t))
             layer = family.replaced(layer, f"{family.mlp}.{name}", folded)
         return layer

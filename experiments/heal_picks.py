@@ -32,8 +32,6 @@ from finetune.config import LOSSES, HealConfig
 from finetune.heal import prepare, run
 from gaprune.files import write_json_atomic
 
-LAYERS = 30
-
 
 def heal_config(args: argparse.Namespace) -> HealConfig:
     """One healing configuration for every pick (the short schedule of the earlier depth-versus-width table)."""
@@ -58,8 +56,9 @@ def chromosome_file(row: dict[str, Any], evaluator: dict[str, Any], folder: Path
     """The pick as a chromosome file that carries the benchmark's evaluator settings, so that the
     rebuilt model is repaired, ranked and aligned as the benchmark's was."""
     settings = {**evaluator, "repair": row.get("repair") or evaluator["repair"]}
-    record = ChromosomeRecord(genes=tuple(from_string(row["chromosome"])), model=evaluator["model"],
-                              num_layers=LAYERS, extra={"evaluator": settings})
+    genes = tuple(from_string(row["chromosome"]))  # one gene per decoder layer
+    record = ChromosomeRecord(genes=genes, model=evaluator["model"], num_layers=len(genes),
+                              extra={"evaluator": settings})
     path = folder / "chromosome.json"
     record.save(path)
     return path
