@@ -571,3 +571,11 @@ def test_the_heal_curve_reads_every_measurement_and_the_training_time_before_it(
     assert rows[-1][str(held_out)] == report["after"][str(held_out)]["perplexity"]
     assert 0 == rows[0]["train minutes"] < rows[1]["train minutes"] < rows[2]["train minutes"]
     assert rows[2]["train minutes"] * 60 == pytest.approx(report["training"]["seconds"], rel=0.5)
+
+
+def test_a_checkpoint_saved_before_a_setting_existed_resumes_without_a_change():
+    """Settings added since (the loss, its teacher's device) take their defaults, which change nothing."""
+    saved = HealConfig().to_dict()
+    for name in ("teacher_device", "loss", "kd_temperature", "kd_weight"):
+        saved.pop(name)
+    assert HealConfig().changes_from(HealConfig.from_dict(saved)) == []
