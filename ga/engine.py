@@ -14,7 +14,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from deap import algorithms, base, tools
@@ -373,13 +373,13 @@ def screening_share(search: SearchConfig, definition: dict[str, Any]) -> float:
     return (search.screen_tokens // seq_len) * (seq_len - 1) / definition["tokens"]
 
 
-def generations_without_progress(state: SearchState) -> int:
-    """Generations since the best fitness last improved."""
+def generations_without_progress(bests: Sequence[float]) -> int:
+    """Generations since the best fitness last improved, from each generation's best so far."""
     best, improved = math.inf, 0
-    for generation, record in enumerate(state.logbook):
-        if record["best"] < best:
-            best, improved = record["best"], generation
-    return max(0, len(state.logbook) - 1 - improved)
+    for generation, value in enumerate(bests):
+        if value < best:
+            best, improved = value, generation
+    return max(0, len(bests) - 1 - improved)
 
 
 def stop_reason(state: SearchState, search: SearchConfig, definition: dict[str, Any]) -> str | None:
@@ -388,7 +388,7 @@ def stop_reason(state: SearchState, search: SearchConfig, definition: dict[str, 
         return f"reached --gens {search.gens}" if search.gens else "scored the one-shot seed alone (--gens 0)"
     if evaluations_left(state, search, definition) == 0:
         return f"spent the evaluation budget (--max-evals {search.max_evals})"
-    stalled = generations_without_progress(state)
+    stalled = generations_without_progress([record["best"] for record in state.logbook])
     if search.patience and stalled >= search.patience:
         return f"no better chromosome in {stalled} generations (--patience {search.patience})"
     return None

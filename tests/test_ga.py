@@ -239,7 +239,15 @@ def test_patience_ends_a_run_that_stopped_improving_and_says_why(tmp_path):
         "no better chromosome in 3 generations (--patience 3)"
     improving = run(tmp_path, "improving", PlantedEvaluator(TARGET), gens=12, patience=3)
     bests = [r["best"] for r in improving.logbook]
-    assert engine.generations_without_progress(improving) == len(bests) - 1 - bests.index(min(bests))
+    assert engine.generations_without_progress(bests) == len(bests) - 1 - bests.index(min(bests))
+
+
+@pytest.mark.parametrize("patience, stop", [(0, 6), (1, 2), (2, 5), (3, 6), (9, 6)])
+def test_a_replayed_patience_stops_where_the_run_would_have(patience, stop):
+    """experiments.patience: a run stops at the first generation whose best is `patience` old."""
+    from experiments.patience import stopping_generation
+    bests = [5.0, 4.0, 4.0, 3.0, 3.0, 3.0, 2.5]
+    assert stopping_generation(bests, patience) == stop
 
 
 def test_screening_fully_scores_only_the_best_screened_offspring(tmp_path):
