@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from evaluators.config import DEV_TEXTS
 from experiments.fidelity import spearman
 from experiments.report import save_results
+from ga.checkpoint import RunFolder
 from gaprune.files import write_json_atomic
 
 
@@ -28,11 +29,7 @@ def ga_candidates(work: Path, share: float, top: int) -> list[dict[str, Any]]:
     """The best `top` distinct genomes fully scored in each GA run of this budget."""
     found = []
     for run in sorted((work / "runs").glob(f"ga-*-{share:.4f}-*")):
-        scored: dict[str, float] = {}
-        for line in (run / "evaluations.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            if not entry["screen"]:
-                scored[entry["key"]] = entry["fitness"]["perplexity"]
+        scored = {key: fitness["perplexity"] for key, fitness in RunFolder(run).scored().items()}
         for rank, key in enumerate(sorted(scored, key=scored.get)[:top]):
             found.append({"source": f"{run.name} #{rank + 1}", "chromosome": key, "fitness": scored[key]})
     return found

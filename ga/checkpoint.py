@@ -142,6 +142,14 @@ class RunFolder:
             state["screen_cache" if line["screen"] else "cache"][line["key"]] = line["fitness"]
         return data
 
+    def scored(self) -> dict[str, dict[str, Any]]:
+        """Every chromosome the run fully scored (screenings left out), with its fitness: what
+        benchmarks read to look past the run's single pick."""
+        checkpoint = self.load_checkpoint()
+        if checkpoint is None:
+            raise RunError(f"{self.path} holds no finished generation")
+        return checkpoint["state"]["cache"]
+
     def _line_counts(self) -> dict[str, int]:
         logged = self._logged or {}
         return {"generations": logged.get("logbook", 0),

@@ -51,6 +51,11 @@ def test_every_individual_meets_the_budget_and_nothing_is_scored_twice(tmp_path)
     assert max(evaluator.calls.values()) == max(evaluator.screened.values()) == 1
     assert state.evaluations == len(evaluator.calls) == len(state.cache)
     assert state.screenings == len(evaluator.screened) == len(state.screen_cache)
+    scored = RunFolder(tmp_path / "budget").scored()  # what benchmarks read: the full scorings alone
+    assert scored.keys() == state.cache.keys() and state.screenings > 0
+    assert all(scored[key]["nll"] == fitness.nll for key, fitness in state.cache.items())
+    with pytest.raises(RunError, match="holds no finished generation"):
+        RunFolder(tmp_path / "never-ran").scored()
     assert sum(r["evals"] for r in state.logbook) == state.evaluations
     assert all(r["evals"] + r["hits"] <= 20 for r in state.logbook)
 
