@@ -251,11 +251,13 @@ class HeldOut:
     def measure(self, genes: Sequence[object], repair: str) -> dict[str, Any]:
         path = self.work / "heldout" / f"{to_string(genes)}-{repair}.json"
         known = json.loads(path.read_text()) if path.is_file() else {}
-        if not all(name in known for name in (*self.test, *self.dev, "speed")):
-            evaluator = self.evaluators(self.args.fitness, repair).inner
+        evaluator = self.evaluators(self.args.fitness, repair).inner
+        if not all(name in known for name in (*self.test, *self.dev)):
             for name, value in evaluator.heldout(genes, self.test, self.references).items():
                 known.update({name: value["perplexity"], f"{name} kl": value["kl"], f"{name} top1": value["top1"]})
             known.update(evaluator.heldout(genes, self.dev))
+            write_json_atomic(path, known)
+        if "speed" not in known or self.args.speed_again:
             known["speed"] = speed(evaluator, genes, self.prompt)
             write_json_atomic(path, known)
         return {key: value for key, value in known.items() if key != "speed"} | known["speed"]
@@ -396,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--work", default="runs/search_quality-joint", help="per-run results and GA run folders")
     parser.add_argument("--output", default="search_quality-joint", help="stem of the files under experiments/results")
+    parser.add_argument("--speed-again", action="store_true",
+                        help="measure every run's speed again (its figures are kept): after runs made while the machine was busy")
     parser.add_argument("--collect", action="store_true", help="only gather the finished runs under --work into the results")
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
@@ -433,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                "prefill speedup", "decode speedup"]
     summary = summarize(rows, figures)
     columns = ["share", "method", "runs", "evaluations", *[c for f in figures for c in (f, f"{f} sd")]]
-    settings = {k: v for k, v in vars(args).items() if k != "collect"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("collect", "speed_again")}
     save_results(args.output, {"settings": settings, "evaluator": base.to_dict(), "rows": rows, "summary": summary},
                  summary, columns)
     plot(summary, REPORT_TEXTS, RESULTS / f"{args.output}.png")
