@@ -247,6 +247,19 @@ def test_patience_ends_a_run_that_stopped_improving_and_says_why(tmp_path):
     assert engine.generations_without_progress(bests) == len(bests) - 1 - bests.index(min(bests))
 
 
+def test_patience_only_ends_a_run_so_a_longer_run_replays_every_shorter_patience(tmp_path):
+    """What experiments.patience relies on: the same seed follows the same path whatever the
+    patience, and stops where the replay of the longer run says."""
+    from experiments.patience import stopping_generation
+    longer = run(tmp_path, "longer", PlantedEvaluator(TARGET), gens=30, pop=6)
+    bests = [r["best"] for r in longer.logbook]
+    stop = stopping_generation(bests, 2)
+    assert stop < 30  # the planted landscape has plateaus of two generations
+    shorter = run(tmp_path, "shorter", PlantedEvaluator(TARGET), gens=30, pop=6, patience=2)
+    assert shorter.generation == stop
+    assert shorter.logbook == longer.logbook[:stop + 1] and shorter.history == longer.history[:stop + 1]
+
+
 @pytest.mark.parametrize("patience, stop", [(0, 6), (1, 2), (2, 5), (3, 6), (9, 6)])
 def test_a_replayed_patience_stops_where_the_run_would_have(patience, stop):
     """experiments.patience: a run stops at the first generation whose best is `patience` old."""
