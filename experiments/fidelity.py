@@ -36,9 +36,9 @@ def candidates(runs: Sequence[Path], top: int, extra: Sequence[str]) -> list[str
     single-layer removals of importance seeding), then the extra ones."""
     chosen: list[str] = []
     for run in runs:
-        folder = RunFolder(run)
-        cache, removed = folder.scored(), folder.load_checkpoint()["removed"]
-        searched = [key for key in cache if layers_removed(from_string(key)) == removed]
+        checkpoint = RunFolder(run).load_checkpoint()  # once: its cache is what RunFolder.scored() reads
+        cache = checkpoint["state"]["cache"]
+        searched = [key for key in cache if layers_removed(from_string(key)) == checkpoint["removed"]]
         chosen += sorted(searched, key=lambda key: cache[key]["nll"])[:top]
     return list(dict.fromkeys(chosen + list(extra)))
 

@@ -251,14 +251,14 @@ class HeldOut:
     def measure(self, genes: Sequence[object], repair: str) -> dict[str, Any]:
         path = self.work / "heldout" / f"{to_string(genes)}-{repair}.json"
         known = json.loads(path.read_text()) if path.is_file() else {}
-        evaluator = self.evaluators(self.args.fitness, repair).inner
         if not all(name in known for name in (*self.test, *self.dev)):
+            evaluator = self.evaluators(self.args.fitness, repair).inner
             for name, value in evaluator.heldout(genes, self.test, self.references).items():
                 known.update({name: value["perplexity"], f"{name} kl": value["kl"], f"{name} top1": value["top1"]})
             known.update(evaluator.heldout(genes, self.dev))
             write_json_atomic(path, known)
         if "speed" not in known or self.args.speed_again:
-            known["speed"] = speed(evaluator, genes, self.prompt)
+            known["speed"] = speed(self.evaluators(self.args.fitness, repair).inner, genes, self.prompt)
             write_json_atomic(path, known)
         return {key: value for key, value in known.items() if key != "speed"} | known["speed"]
 
