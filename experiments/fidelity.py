@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chromosomes import from_string, layers_removed
+from chromosomes import from_string
 from evaluators.config import DEV_TEXTS, EvaluatorConfig
 from evaluators.fitness import ModelEvaluator
 from evaluators.perplexity import nll_of_hidden
@@ -32,14 +32,11 @@ from ga.checkpoint import RunFolder
 
 
 def candidates(runs: Sequence[Path], top: int, extra: Sequence[str]) -> list[str]:
-    """The `top` best chromosomes each run scored at its budget (from its fitness cache; not the
-    single-layer removals of importance seeding), then the extra ones."""
+    """The `top` best chromosomes each run fully scored at its budget, then the extra ones."""
     chosen: list[str] = []
     for run in runs:
-        checkpoint = RunFolder(run).load_checkpoint()  # once: its cache is what RunFolder.scored() reads
-        cache = checkpoint["state"]["cache"]
-        searched = [key for key in cache if layers_removed(from_string(key)) == checkpoint["removed"]]
-        chosen += sorted(searched, key=lambda key: cache[key]["nll"])[:top]
+        scored = RunFolder(run).scored()
+        chosen += sorted(scored, key=lambda key: scored[key]["nll"])[:top]
     return list(dict.fromkeys(chosen + list(extra)))
 
 

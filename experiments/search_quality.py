@@ -124,7 +124,8 @@ Method = Callable[[Bench], dict[str, Any]]
 
 def ga_method(space: str, init: str | None = None, fitness: str | None = None) -> Method:
     """The GA with ga.run's defaults for its space except patience (100 generations, so that it
-    spends the whole budget as every other method does)."""
+    spends the whole budget as every other method does) and, if given, the seed and fitness
+    (named, so that a row keeps what it measured when a default changes)."""
     def search(bench: Bench) -> dict[str, Any]:
         a = bench.args
         budget = {"remove": bench.removed} if space == "layers" else {"space": space, "params": bench.share}
@@ -225,7 +226,8 @@ ONE_SHOT: dict[str, Method] = {
 }
 SEARCHES: dict[str, Method] = {
     "ga-joint": ga_method("joint"),
-    "ga-sublayers": ga_method("sublayers"),
+    "ga-sublayers": ga_method("sublayers", "width"),
+    "ga-sublayers-importance": ga_method("sublayers", "sublayers"),
     "evopress-joint": evopress_joint,
     "ga-importance": ga_method("layers", "importance", fitness="ppl"),
     "evopress-importance": evopress_method("importance"),

@@ -18,6 +18,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from chromosomes import from_string
+from ga.problem import Problem
 from gaprune.files import write_json_atomic
 
 CHECKPOINT_FORMAT = "gaprune.checkpoint"
@@ -143,12 +145,15 @@ class RunFolder:
         return data
 
     def scored(self) -> dict[str, dict[str, Any]]:
-        """Every chromosome the run fully scored (screenings left out), with its fitness: what
-        benchmarks read to look past the run's single pick."""
+        """Every genome the run fully scored within its budget, with its fitness: what benchmarks
+        read to look past the run's single pick (screenings left out, and the seeding scans that
+        remove a single layer or sub-layer)."""
         checkpoint = self.load_checkpoint()
         if checkpoint is None:
             raise RunError(f"{self.path} holds no finished generation")
-        return checkpoint["state"]["cache"]
+        problem = Problem.recorded(checkpoint["removed"], checkpoint["definition"])
+        return {key: fitness for key, fitness in checkpoint["state"]["cache"].items()
+                if problem.feasible(from_string(key))}
 
     def _line_counts(self) -> dict[str, int]:
         logged = self._logged or {}

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from chromosomes import SPACES, budget
 from gaprune.options import Settings
 
-INITS = ("random", "importance", "influence", "width", "mix")
-WIDTH_INITS = ("width", "mix")  # seeds that need a space with widths
+INITS = ("random", "importance", "influence", "width", "mix", "sublayers")
+SUBLAYER_INITS = ("width", "mix", "sublayers")  # seeds that cut sub-layers: they need a space with them
 # Search settings added after runs were saved without them, with the value that reproduces what
 # those runs did: a run saved before seam moves existed resumes with seam moves off, one saved
 # before spaces existed searched whole layers.
@@ -42,7 +42,7 @@ class SearchConfig(Settings):
     seam_prob: float = field(default=0.5, metadata={"help": "share of moves that never add a seam: a removed layer at the end of a run comes back and a kept layer beside a run goes (cuts in few runs repair best); the rest swap anywhere"})
     tournament: int = field(default=3, metadata={"help": "tournament size for parent selection"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
-    init: str | None = field(default=None, metadata={"help": "initial population (default: width with widths, importance for --space layers): importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); width (around the one-shot global width plan: the units of least importance per parameter go, wherever they are); mix (width and importance, half the candidates around each); random"})
+    init: str | None = field(default=None, metadata={"help": "initial population (default: width with widths, importance for --space layers): importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); width (around the one-shot global width plan: the units of least importance per parameter go, wherever they are); mix (width and importance, half the candidates around each); sublayers (around the genome that drops the attentions and MLPs whose single removal hurts least per parameter: two screenings per layer, or evaluations without screening); random"})
     max_evals: int = field(default=0, metadata={"help": "score at most this many chromosomes, a screening counting as its share of the scoring tokens; the generation that reaches it is cut short (0: no limit)"})
     screen_tokens: int = field(default=1024, metadata={"help": "multi-fidelity: breed --screen-factor times --offspring candidates, score them on this many tokens (whole windows, fewer than the scoring tokens) and fully score only the best --offspring (0: off)"})
     screen_factor: int = field(default=4, metadata={"help": "candidates bred per offspring when screening"})
@@ -88,8 +88,8 @@ class SearchConfig(Settings):
             self.init = "importance" if self.space == "layers" else "width"
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.init in WIDTH_INITS and self.space == "layers":
-            raise ValueError(f"--init {self.init} starts from a width plan: it needs --space joint or sublayers")
+        if self.init in SUBLAYER_INITS and self.space == "layers":
+            raise ValueError(f"--init {self.init} cuts sub-layers: it needs --space joint or sublayers")
         if self.gens == 0 and self.init == "random":
             raise ValueError("--gens 0 scores the one-shot seed alone: choose an --init other than random")
 

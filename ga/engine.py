@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from deap import algorithms, base, tools
 
-from chromosomes import ChromosomeRecord, LayerGene, Shape, blocks, from_string, to_string
+from chromosomes import ChromosomeRecord, Gene, LayerGene, Shape, blocks, from_string, to_string
 from chromosomes.space import Guide
 from chromosomes.width import Ranking, counts_left, select_global
 from evaluators.fitness import Evaluator, Fitness
@@ -28,7 +28,7 @@ from ga.checkpoint import RunError, RunFolder, restore_rng, rng_state_to_json
 from ga.config import SearchConfig, saved_search
 from ga.operators import gene_frequencies, mean_pairwise_hamming
 from ga.problem import Problem
-from ga.seeding import drop_weights, single_skips, skip_lowest
+from ga.seeding import drop_cheapest_sublayers, drop_weights, single_skips, single_sublayer_cuts, skip_lowest
 from gaprune.options import say
 
 
@@ -187,17 +187,50 @@ def one_shot_seeds(search: SearchConfig, evaluator: Evaluator, state: SearchStat
     if search.init in ("width", "mix"):
         seeds.append(width_seed(evaluator, problem, state.rng))
     if search.init in ("importance", "mix"):
-        from tqdm.auto import tqdm
         skips = single_skip_keys(evaluator.num_layers)
-        chunk = SEEDING_CHUNK * getattr(evaluator, "parallelism", 1)
-        for start in tqdm(range(0, len(skips), chunk), desc="seeding: each layer removed alone", unit="chunk",
-                          disable=not progress, leave=False):
-            score_chromosomes(skips[start:start + chunk], evaluator, state)
+        in_chunks(skips, lambda chunk: score_chromosomes(chunk, evaluator, state), evaluator,
+                  "seeding: each layer removed alone", progress)
         seeds.append(fewest_layers(problem, [state.cache[k].value for k in skips], state.rng))
     if search.init == "influence":
         state.evaluations += 1  # one dense forward over the scoring text
         seeds.append(fewest_layers(problem, evaluator.block_influence(), state.rng))
+    if search.init == "sublayers":
+        seeds.append(cheapest_sublayers(search, evaluator, state, problem, progress))
     return seeds
+
+
+def in_chunks(keys: list[str], score_: Callable[[list[str]], object], evaluator: Evaluator, what: str,
+              progress: bool) -> None:
+    """Score seeding chromosomes a few at a time, so that the bar moves."""
+    from tqdm.auto import tqdm
+    chunk = SEEDING_CHUNK * getattr(evaluator, "parallelism", 1)
+    for start in tqdm(range(0, len(keys), chunk), desc=what, unit="chunk", disable=not progress, leave=False):
+        score_(keys[start:start + chunk])
+
+
+def cheapest_sublayers(search: SearchConfig, evaluator: Evaluator, state: SearchState, problem: Problem,
+                       progress: bool) -> list[LayerGene]:
+    """Drop the attentions and MLPs whose single removal hurts least per parameter, brought into
+    the budget's window.
+
+    Each removal alone is measured against the dense model on the screening tokens when
+    screening is on: scored in full, two per layer would take most of a budget of tens of
+    evaluations, and the seed only needs their order.
+    """
+    shape = problem.space.shape
+    keys = [to_string(genes) for genes in ([Gene.KEEP] * shape.num_layers, *single_sublayer_cuts(shape))]
+    if search.screen_tokens:
+        def score_(chunk: list[str]) -> None:
+            state.screenings += fill_cache(chunk, evaluator, state.screen_cache, search.screen_tokens)
+        cache = state.screen_cache
+    else:
+        def score_(chunk: list[str]) -> None:
+            score_chromosomes(chunk, evaluator, state)
+        cache = state.cache
+    in_chunks(keys, score_, evaluator, "seeding: each attention and each MLP removed alone", progress)
+    dense, *singles = (cache[key].value for key in keys)
+    genes = drop_cheapest_sublayers(shape, [value - dense for value in singles], problem.budget.remove)
+    return problem.project(genes, state.rng)
 
 
 def fewest_layers(problem: Problem, scores: list[float], rng: random.Random) -> list[LayerGene]:

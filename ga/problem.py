@@ -46,6 +46,14 @@ class Problem:
             return cls(space, layers=search.removed(num_layers, sizes and sum(sizes) // len(sizes)))
         return cls(space, budget=ParameterBudget.of(search.params_or_default, space))
 
+    @classmethod
+    def recorded(cls, record: int | dict[str, Any], definition: dict[str, Any]) -> "Problem":
+        """The problem a checkpoint's recorded budget poses: enough to tell which genomes meet it."""
+        if isinstance(record, int):
+            return cls(Space("layers", Shape(definition["num_layers"], 1, 1, 0, 0, 0, 0), mlp_levels=1), layers=record)
+        space = Space(record["space"], Shape.from_dict(definition["widths"]["shape"]), record["mlp_levels"])
+        return cls(space, budget=ParameterBudget(record["remove"], record["slack"]))
+
     def record(self) -> int | dict[str, Any]:
         """The budget as the checkpoint keeps it (a layer count, as runs always recorded it)."""
         if self.layers is not None:

@@ -3,13 +3,16 @@
 Two measures are used: the perplexity of removing each layer alone (removal importance: one
 evaluation per layer), and ShortGPT's Block Influence (how much a layer changes its input: one
 forward of the dense model). Both are also the one-shot baselines the search is compared with.
+Removal importance also comes per sub-layer (each attention and each MLP removed alone), for
+spaces that can drop one without the other.
 """
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
-from chromosomes import Gene
+from chromosomes import Gene, LayerGene, Shape
+from chromosomes.space import KINDS
 
 
 def single_skips(num_layers: int) -> list[list[int]]:
@@ -21,6 +24,34 @@ def skip_lowest(scores: Sequence[float], removed: int) -> list[int]:
     """Skip the `removed` layers of lowest score (ties: the earlier layer), keep the others."""
     dropped = set(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:removed])
     return [Gene.SKIP if i in dropped else Gene.KEEP for i in range(len(scores))]
+
+
+def single_sublayer_cuts(shape: Shape) -> list[list[LayerGene]]:
+    """The genomes that each remove exactly one sub-layer: entry 2i drops layer i's attention,
+    2i + 1 its MLP."""
+    alone = {"attention": shape.gene(0, shape.channels), "mlp": shape.gene(shape.kv_heads, 0)}
+    return [[alone[kind] if j == i else Gene.KEEP for j in range(shape.num_layers)]
+            for i in range(shape.num_layers) for kind in KINDS]
+
+
+def drop_cheapest_sublayers(shape: Shape, harms: Sequence[float], remove: int) -> list[LayerGene]:
+    """Drop whole sub-layers in order of harm per parameter until at least `remove` parameters
+    are gone (`harms` as `single_sublayer_cuts` orders them: what each removal alone cost).
+
+    Per parameter, because an MLP here holds three times an attention's parameters: ranking by
+    harm alone would drop the small attentions first and need many more cuts.
+    """
+    cost = {"attention": shape.attention_parameters(shape.kv_heads), "mlp": shape.mlp_parameters(shape.channels)}
+    order = sorted(range(len(harms)), key=lambda i: (harms[i] / cost[KINDS[i % 2]], i))
+    kept = [[shape.kv_heads, shape.channels] for _ in range(shape.num_layers)]
+    genes = [shape.gene(*counts) for counts in kept]
+    for index in order:
+        if shape.removed(genes) >= remove:
+            break
+        layer, kind = divmod(index, 2)
+        kept[layer][kind] = 0
+        genes[layer] = shape.gene(*kept[layer])
+    return genes
 
 
 def drop_weights(single_skip_nll: Sequence[float], removed: int) -> list[float]:

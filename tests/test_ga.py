@@ -85,6 +85,22 @@ def test_importance_seeding_starts_from_the_one_shot_chromosome(tmp_path):
     assert state.seeds == [to_string(one_shot)] and state.seeds[0] in state.cache
     saved = RunFolder(tmp_path / "seeded").load_checkpoint()["state"]
     assert saved["seeds"] == state.seeds and saved["history"][0]["best"] in state.cache
+    searched = RunFolder(tmp_path / "seeded").scored()  # what benchmarks read: the scans left out
+    assert searched.keys() == state.cache.keys() - set(singles) and state.seeds[0] in searched
+
+
+@pytest.mark.parametrize("remove, expected", [
+    (81, [(2, 0), 1, 1]),  # layer 0's MLP alone: the least harm per parameter
+    (90, [(2, 0), (0, 8), 1]),  # then layer 1's attention, though layer 0's hurts no more in total
+    (200, [(2, 0), 0, (2, 0)]),  # both of layer 1's sub-layers gone: the layer is skipped
+])
+def test_the_sublayer_seed_drops_what_hurts_least_per_parameter(remove, expected):
+    from chromosomes import Shape
+    from ga.seeding import drop_cheapest_sublayers, single_sublayer_cuts
+    shape = Shape(num_layers=3, kv_heads=2, channels=8, attention_fixed=1, attention_unit=10, mlp_fixed=1, mlp_unit=10)
+    assert single_sublayer_cuts(shape)[:2] == [[(0, 8), 1, 1], [(2, 0), 1, 1]]
+    harms = [1.0, 1.0, 0.5, 3.0, 5.0, 2.0]  # (attention, MLP) of layers 0, 1, 2; 21 and 81 parameters each
+    assert drop_cheapest_sublayers(shape, harms, remove) == expected
 
 
 def test_influence_seeding_costs_one_evaluation_and_surrounds_the_one_shot_chromosome(tmp_path):

@@ -304,10 +304,26 @@ def test_a_joint_search_keeps_its_budget_and_beats_its_seed(llama_dir, text_file
     assert len(summary["architecture"]) == 6 and all("kv_heads" in e or e["gene"] in "02" for e in summary["architecture"])
 
 
+def test_the_sublayer_seed_screens_each_sub_layer_removed_alone_and_keeps_the_budget(llama_dir, text_file, tmp_path):
+    assert search(llama_dir, text_file, tmp_path / "sub", "--space", "sublayers", "--init", "sublayers", "--gens", "0",
+                  "--params", "0.3") == 0
+    run = tmp_path / "sub"
+    checkpoint = json.loads((run / "checkpoint.json").read_text())
+    state, budget = checkpoint["state"], checkpoint["removed"]
+    layers = checkpoint["definition"]["num_layers"]
+    assert state["screenings"] == 1 + 2 * layers and state["evaluations"] == 1  # dense and each cut screened; seed scored
+    shape = __import__("chromosomes").Shape.from_dict(checkpoint["definition"]["widths"]["shape"])
+    genes = ChromosomeRecord.load(run / "best.json").genes
+    assert budget["remove"] <= shape.removed(genes) < budget["remove"] + budget["slack"]
+    assert all(shape.counts(gene) in {(0, 0), (shape.kv_heads, 0), (0, shape.channels), (shape.kv_heads, shape.channels)}
+               for gene in genes)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--params", "1.5"], "params must be a share between 0 and 1 or a whole count"),
     (["--space", "joint", "--remove", "2"], "--remove and --ratio count whole layers"),
-    (["--space", "layers", "--init", "width"], "--init width starts from a width plan"),
+    (["--space", "layers", "--init", "width"], "--init width cuts sub-layers"),
+    (["--space", "layers", "--init", "sublayers"], "--init sublayers cuts sub-layers"),
     (["--init", "random", "--gens", "0"], "--gens 0 scores the one-shot seed alone"),
     (["--ranking", "magnitude"], "ranking must be one of taylor, taylor2, wanda"),
     (["--mlp-levels", "0"], "mlp_levels must be a positive integer"),
