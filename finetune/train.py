@@ -118,51 +118,60 @@ def chunked_sum(loss: Callable[..., torch.Tensor], *rows: torch.Tensor) -> torch
                for start in range(0, count, LOGIT_CHUNK))
 
 
-def lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of windows ids [batch, seq_len], through the adapted decoder."""
+def student_states(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """The adapted decoder's final hidden states of windows ids [batch, seq_len] at every position
+    that predicts a token, one row each: what every loss reads, computed once per step."""
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [batch, seq_len, hidden]
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+
+def lm_loss(model: PreTrainedModel, states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of windows ids, from the student's states."""
     head = model.get_output_embeddings()
 
-    def nll(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = head(states).float()
+    def nll(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(rows).float()
         return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
 
-    states, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
-    return chunked_sum(nll, states, targets) / predicted_tokens(ids)
+    return chunked_sum(nll, states, ids[:, 1:].reshape(-1)) / predicted_tokens(ids)
 
 
-def kd_loss(model: PreTrainedModel, teacher: PreTrainedModel, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean KL(teacher || student) per predicted token of windows ids, at `temperature` (scaled
-    by its square, as Hinton et al. keep gradients comparable across temperatures).
+def kd_loss(model: PreTrainedModel, teacher: PreTrainedModel, states: torch.Tensor, ids: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """Mean KL(teacher || student) per predicted token of windows ids, from the student's states,
+    at `temperature` (scaled by its square, as Hinton et al. keep gradients comparable across
+    temperatures).
 
     The teacher runs on each step's windows as they come, and only its final hidden states are
     kept; its logits are recomputed chunk by chunk. Cached top-k teacher logits would save that
     forward only for windows seen more than once, which a short heal on a long text rarely does.
     """
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
     with torch.no_grad():
         reference = teacher.model(input_ids=ids.to(teacher.device), use_cache=False).last_hidden_state
     head, teacher_head = model.get_output_embeddings(), teacher.get_output_embeddings()
 
-    def kl(states: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(head(states).float() / temperature, dim=-1)
+    def kl(rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(head(rows).float() / temperature, dim=-1)
         with torch.no_grad():
             log_q = F.log_softmax(teacher_head(dense).float() / temperature, dim=-1).to(log_p.device)
         return F.kl_div(log_p, log_q, log_target=True, reduction="sum")
 
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     dense = reference[:, :-1].reshape(-1, reference.shape[-1])
     return chunked_sum(kl, states, dense) * temperature ** 2 / predicted_tokens(ids)
 
 
 def step_loss(model: PreTrainedModel, teacher: PreTrainedModel | None, ids: torch.Tensor, config: HealConfig
               ) -> torch.Tensor:
-    """The loss --loss names, for windows ids."""
+    """The loss --loss names, for windows ids: one student forward, whichever loss (mix reads
+    both losses from the same states)."""
+    states = student_states(model, ids)
     if config.loss == "lm":
-        return lm_loss(model, ids)
+        return lm_loss(model, states, ids)
     assert teacher is not None, "kd and mix need the dense model as teacher"
-    kd = kd_loss(model, teacher, ids, config.kd_temperature)
-    return kd if config.loss == "kd" else config.kd_weight * kd + (1 - config.kd_weight) * lm_loss(model, ids)
+    kd = kd_loss(model, teacher, states, ids, config.kd_temperature)
+    if config.loss == "kd":
+        return kd
+    return config.kd_weight * kd + (1 - config.kd_weight) * lm_loss(model, states, ids)
 
 
 def train(model: PeftModel | PreTrainedModel, train_blocks: torch.Tensor, eval_blocks: dict[str, torch.Tensor], config: HealConfig,

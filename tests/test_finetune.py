@@ -490,19 +490,20 @@ def test_the_search_alignments_are_reused_while_its_run_folder_is_there(tmp_path
 
 def test_kd_loss_is_zero_for_the_teacher_itself_and_matches_the_measured_kl(llama_dir, text_file):
     from evaluators.perplexity import fidelity, final_hidden
-    from finetune.train import kd_loss
+    from finetune.train import kd_loss, student_states
     model, tokenizer = load_model(str(llama_dir))
     ids = text_blocks(str(text_file), tokenizer, 32, 256)
-    assert float(kd_loss(model, model, ids, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd_loss(model, model, student_states(model, ids), ids, 2.0)) == pytest.approx(0.0, abs=1e-6)
     cut = cut_layers(load_model(str(llama_dir))[0], SKIP_ONLY)
     measured = fidelity(cut, ids, 4, final_hidden(model, ids, 4), model.get_output_embeddings())["kl"]
-    assert float(kd_loss(cut, model, ids, 1.0)) == pytest.approx(measured, rel=1e-4) and measured > 0
+    assert float(kd_loss(cut, model, student_states(cut, ids), ids, 1.0)) == pytest.approx(measured, rel=1e-4)
+    assert measured > 0
 
 
 @pytest.mark.parametrize("loss", ["lm", "kd"])
 def test_losses_over_several_chunks_give_the_same_value_and_gradients_as_one(loss, llama_dir, text_file, monkeypatch):
     """The chunks recomputed in the backward pass change memory, not the numbers."""
-    from finetune.train import kd_loss, lm_loss
+    from finetune.train import kd_loss, lm_loss, student_states
     teacher, tokenizer = load_model(str(llama_dir))
     ids = text_blocks(str(text_file), tokenizer, 32, 256)
 
@@ -510,13 +511,32 @@ def test_losses_over_several_chunks_give_the_same_value_and_gradients_as_one(los
         monkeypatch.setattr(finetune.train, "LOGIT_CHUNK", chunk)
         student = cut_layers(load_model(str(llama_dir))[0], SKIP_ONLY)
         norm = student.model.norm.weight.requires_grad_(True)
-        value = lm_loss(student, ids) if loss == "lm" else kd_loss(student, teacher, ids, 2.0)
+        states = student_states(student, ids)
+        value = lm_loss(student, states, ids) if loss == "lm" else kd_loss(student, teacher, states, ids, 2.0)
         value.backward()
         return float(value.detach()), norm.grad.clone()
 
     whole, chunked = value_and_gradient(4096), value_and_gradient(50)  # 248 predicted tokens: 5 chunks
     assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
     assert torch.allclose(chunked[1], whole[1], rtol=1e-4, atol=1e-7)
+
+
+def test_mix_weighs_both_losses_from_one_student_forward(llama_dir, text_file):
+    """A second student forward for the lm half made a mix step cost more than a kd and an lm
+    step together."""
+    from finetune.train import kd_loss, lm_loss, step_loss, student_states
+    teacher, tokenizer = load_model(str(llama_dir))
+    student = cut_layers(load_model(str(llama_dir))[0], SKIP_ONLY)
+    ids = text_blocks(str(text_file), tokenizer, 32, 256)
+    forwards = []
+    student.model.register_forward_hook(lambda *_: forwards.append(1))
+    config = HealConfig(loss="mix", kd_weight=0.25, kd_temperature=2.0)
+    with torch.no_grad():
+        mixed = float(step_loss(student, teacher, ids, config))
+        assert len(forwards) == 1
+        states = student_states(student, ids)
+        expected = 0.25 * kd_loss(student, teacher, states, ids, 2.0) + 0.75 * lm_loss(student, states, ids)
+    assert mixed == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_distillation_healing_brings_the_cut_model_towards_the_dense_one(llama_dir, text_file, held_out, tmp_path):
