@@ -42,7 +42,7 @@ class SearchConfig(Settings):
     seam_prob: float = field(default=0.5, metadata={"help": "share of moves that never add a seam: a removed layer at the end of a run comes back and a kept layer beside a run goes (cuts in few runs repair best); the rest swap anywhere"})
     tournament: int = field(default=3, metadata={"help": "tournament size for parent selection"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
-    init: str | None = field(default=None, metadata={"help": "initial population (default: width with widths, importance for --space layers): importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); width (around the one-shot global width plan: the units of least importance per parameter go, wherever they are); mix (width and importance, half the candidates around each); sublayers (around the genome that drops the attentions and MLPs whose single removal hurts least per parameter: two screenings per layer, or evaluations without screening); random"})
+    init: str | None = field(default=None, metadata={"help": "initial population (default: width for --space joint, sublayers for --space sublayers, importance for --space layers): importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); width (around the one-shot global width plan: the units of least importance per parameter go, wherever they are); mix (width and importance, half the candidates around each); sublayers (around the genome that drops the attentions and MLPs whose single removal hurts least per parameter: two screenings per layer, or evaluations without screening); random"})
     max_evals: int = field(default=0, metadata={"help": "score at most this many chromosomes, a screening counting as its share of the scoring tokens; the generation that reaches it is cut short (0: no limit)"})
     screen_tokens: int = field(default=1024, metadata={"help": "multi-fidelity: breed --screen-factor times --offspring candidates, score them on this many tokens (whole windows, fewer than the scoring tokens) and fully score only the best --offspring (0: off)"})
     screen_factor: int = field(default=4, metadata={"help": "candidates bred per offspring when screening"})
@@ -85,7 +85,7 @@ class SearchConfig(Settings):
                                             and 0 < self.params and (self.params < 1 or float(self.params).is_integer())):
             raise ValueError(f"params must be a share between 0 and 1 or a whole count of parameters, got {self.params!r}")
         if self.init is None:
-            self.init = "importance" if self.space == "layers" else "width"
+            self.init = {"layers": "importance", "sublayers": "sublayers"}.get(self.space, "width")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init in SUBLAYER_INITS and self.space == "layers":

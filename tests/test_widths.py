@@ -305,10 +305,10 @@ def test_a_joint_search_keeps_its_budget_and_beats_its_seed(llama_dir, text_file
 
 
 def test_the_sublayer_seed_screens_each_sub_layer_removed_alone_and_keeps_the_budget(llama_dir, text_file, tmp_path):
-    assert search(llama_dir, text_file, tmp_path / "sub", "--space", "sublayers", "--init", "sublayers", "--gens", "0",
-                  "--params", "0.3") == 0
+    assert search(llama_dir, text_file, tmp_path / "sub", "--space", "sublayers", "--gens", "0", "--params", "0.3") == 0
     run = tmp_path / "sub"
     checkpoint = json.loads((run / "checkpoint.json").read_text())
+    assert checkpoint["search"]["init"] == "sublayers"  # the default of this space
     state, budget = checkpoint["state"], checkpoint["removed"]
     layers = checkpoint["definition"]["num_layers"]
     assert state["screenings"] == 1 + 2 * layers and state["evaluations"] == 1  # dense and each cut screened; seed scored
