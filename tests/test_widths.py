@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chromosomes import ChromosomeError, ChromosomeRecord
+from chromosomes import ChromosomeError, ChromosomeRecord, to_string
 from chromosomes.width import LayerUnits, Ranking, Unit, counts_left, select_global
 from evaluators.config import EvaluatorConfig
 from evaluators.export import load_pruned
@@ -18,6 +18,7 @@ from evaluators.families import family_of
 from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import install_layers, layer_view
 from evaluators.units import NoAttention, full_geometry, layer_shape, narrowed, unit_importance
+from ga.checkpoint import RunFolder
 from tests.tiny import FAMILIES, WIDTHS
 
 IDS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -304,14 +305,21 @@ def test_a_joint_search_keeps_its_budget_and_beats_its_seed(llama_dir, text_file
     assert len(summary["architecture"]) == 6 and all("kv_heads" in e or e["gene"] in "02" for e in summary["architecture"])
 
 
-def test_the_sublayer_seed_screens_each_sub_layer_removed_alone_and_keeps_the_budget(llama_dir, text_file, tmp_path):
-    assert search(llama_dir, text_file, tmp_path / "sub", "--space", "sublayers", "--gens", "0", "--params", "0.3") == 0
+@pytest.mark.parametrize("screen_tokens", ["64", "0"])
+def test_the_sublayer_seed_measures_each_sub_layer_removed_alone_and_keeps_the_budget(
+        llama_dir, text_file, tmp_path, screen_tokens):
+    assert search(llama_dir, text_file, tmp_path / "sub", "--space", "sublayers", "--gens", "0", "--params", "0.3",
+                  "--screen-tokens", screen_tokens) == 0
     run = tmp_path / "sub"
     checkpoint = json.loads((run / "checkpoint.json").read_text())
     assert checkpoint["search"]["init"] == "sublayers"  # the default of this space
     state, budget = checkpoint["state"], checkpoint["removed"]
-    layers = checkpoint["definition"]["num_layers"]
-    assert state["screenings"] == 1 + 2 * layers and state["evaluations"] == 1  # dense and each cut screened; seed scored
+    scans = 1 + 2 * checkpoint["definition"]["num_layers"]  # the dense model and each sub-layer removed alone
+    if screen_tokens == "0":  # scored in full, then the seed
+        assert state["screenings"] == 0 and state["evaluations"] == scans + 1
+    else:
+        assert state["screenings"] == scans and state["evaluations"] == 1
+    assert list(RunFolder(run).scored()) == [to_string(ChromosomeRecord.load(run / "best.json").genes)]  # the scans left out
     shape = __import__("chromosomes").Shape.from_dict(checkpoint["definition"]["widths"]["shape"])
     genes = ChromosomeRecord.load(run / "best.json").genes
     assert budget["remove"] <= shape.removed(genes) < budget["remove"] + budget["slack"]
