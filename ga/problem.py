@@ -23,6 +23,13 @@ from ga.config import SearchConfig
 from ga.operators import crossover, mutate
 
 
+def genome_shape(definition: dict[str, Any]) -> Shape:
+    """The decoder layer as the genome prices it, from the evaluator's description of the model
+    (a model without a `widths` entry, a mixture of experts, has whole layers alone)."""
+    widths = definition.get("widths")
+    return Shape.from_dict(widths["shape"]) if widths else Shape(definition["num_layers"], 1, 1, 0, 0, 0, 0)
+
+
 @dataclass(frozen=True)
 class Problem:
     space: Space
@@ -39,7 +46,7 @@ class Problem:
         if search.widths and widths is None:
             raise ValueError(f"--space {search.space} narrows sub-layers, which {definition['model']} cannot have "
                              "(a mixture of experts); use --space layers")
-        shape = Shape.from_dict(widths["shape"]) if widths else Shape(num_layers, 1, 1, 0, 0, 0, 0)
+        shape = genome_shape(definition)
         space = Space(search.space, shape, min(search.mlp_levels, shape.channels), search.merge)
         if not search.widths:
             sizes = definition.get("layer_parameters")  # only --params needs them
@@ -50,8 +57,8 @@ class Problem:
     def recorded(cls, record: int | dict[str, Any], definition: dict[str, Any]) -> "Problem":
         """The problem a checkpoint's recorded budget poses: enough to tell which genomes meet it."""
         if isinstance(record, int):
-            return cls(Space("layers", Shape(definition["num_layers"], 1, 1, 0, 0, 0, 0), mlp_levels=1), layers=record)
-        space = Space(record["space"], Shape.from_dict(definition["widths"]["shape"]), record["mlp_levels"])
+            return cls(Space("layers", genome_shape(definition), mlp_levels=1), layers=record)
+        space = Space(record["space"], genome_shape(definition), record["mlp_levels"])
         return cls(space, budget=ParameterBudget(record["remove"], record["slack"]))
 
     def record(self) -> int | dict[str, Any]:
