@@ -27,7 +27,7 @@ class SearchConfig(Settings):
     kind = "search setting"
 
     pop: int = field(default=16, metadata={"help": "population: the best distinct chromosomes kept from one generation to the next"})
-    offspring: int = field(default=4, metadata={"help": "new chromosomes fully scored per generation"})
+    offspring: int | None = field(default=None, metadata={"help": "new chromosomes fully scored per generation (default: 2 on --space joint, else 4)"})
     gens: int = field(default=50, metadata={"help": "generations to evolve (0: score the one-shot seed alone and stop)"})
     space: str | None = field(default=None, metadata={"help": "what a gene may do: layers (skip, keep or merge a whole layer), sublayers (also drop a layer's attention or its MLP alone) or joint (also narrow them: key-value groups and MLP channels) (default: joint; layers with --remove or --ratio)"})
     params: float | None = field(default=None, metadata={"help": "decoder parameters to remove: a share below 1 (default 0.25) or a count; a genome removes at least this and less than one more level step"})
@@ -40,16 +40,17 @@ class SearchConfig(Settings):
     mut_prob: float = field(default=0.5, metadata={"help": "probability that an offspring is mutated"})
     flip_prob: float = field(default=0.3, metadata={"help": "share of mutations that flip SKIP<->MERGE instead of moving a removed layer"})
     seam_prob: float = field(default=0.5, metadata={"help": "share of moves that never add a seam: a removed layer at the end of a run comes back and a kept layer beside a run goes (cuts in few runs repair best); the rest swap anywhere"})
-    tournament: int = field(default=3, metadata={"help": "tournament size for parent selection"})
+    tournament: int | None = field(default=None, metadata={"help": "tournament size for parent selection (default: 8 on --space joint, else 3)"})
     hof: int = field(default=10, metadata={"help": "hall-of-fame size"})
     init: str | None = field(default=None, metadata={"help": "initial population (default: width for --space joint, sublayers for --space sublayers, importance for --space layers): importance (around the chromosome that drops the layers whose single removal hurts least: one evaluation per layer; mutation then rarely removes a layer whose single removal hurt much more); influence (around ShortGPT's lowest Block Influence layers: one dense forward); width (around the one-shot global width plan: the units of least importance per parameter go, wherever they are); mix (width and importance, half the candidates around each); sublayers (around the genome that drops the attentions and MLPs whose single removal hurts least per parameter: two screenings per layer, or evaluations without screening); random"})
     max_evals: int = field(default=0, metadata={"help": "score at most this many chromosomes, a screening counting as its share of the scoring tokens; the generation that reaches it is cut short (0: no limit)"})
     screen_tokens: int = field(default=1024, metadata={"help": "multi-fidelity: breed --screen-factor times --offspring candidates, score them on this many tokens (whole windows, fewer than the scoring tokens) and fully score only the best --offspring (0: off)"})
-    screen_factor: int = field(default=4, metadata={"help": "candidates bred per offspring when screening"})
+    screen_factor: int | None = field(default=None, metadata={"help": "candidates bred per offspring when screening (default: 8 on --space joint, else 4)"})
     patience: int = field(default=5, metadata={"help": "stop after this many generations without a better best chromosome (0: never)"})
     seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same run"})
 
     def __post_init__(self) -> None:
+        self._resolve_space()
         for name in ("pop", "offspring", "tournament", "hof", "mlp_levels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -73,10 +74,6 @@ class SearchConfig(Settings):
         if self.remove is not None and not (isinstance(self.remove, int) and self.remove >= 1):
             raise ValueError(f"remove must be a positive number of layers, got {self.remove!r}")
         layer_budget = self.remove is not None or self.ratio is not None
-        if self.space is None:
-            self.space = "layers" if layer_budget else "joint"
-        if self.space not in SPACES:
-            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if layer_budget and self.space != "layers":
             raise ValueError(f"--remove and --ratio count whole layers: use --params with --space {self.space}")
         if layer_budget and self.params is not None:
@@ -92,6 +89,24 @@ class SearchConfig(Settings):
             raise ValueError(f"--init {self.init} cuts sub-layers: it needs --space joint or sublayers")
         if self.gens == 0 and self.init == "random":
             raise ValueError("--gens 0 scores the one-shot seed alone: choose an --init other than random")
+
+    def _resolve_space(self) -> None:
+        """The space (joint unless a layer budget is given) and the selection defaults that
+        depend on it.
+
+        On the joint space a generation costs what one of EvoPress's does (16 candidates
+        screened, 2 scored in full) and parents come mostly from the best genomes: at a budget
+        of tens of evaluations that search reached a lower fitness than the depth genes'
+        defaults, which the other spaces keep (experiments/results/search_quality-joint)."""
+        if self.space is None:
+            self.space = "layers" if self.remove is not None or self.ratio is not None else "joint"
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        defaults = {"offspring": 2, "screen_factor": 8, "tournament": 8} if self.space == "joint" else \
+            {"offspring": 4, "screen_factor": 4, "tournament": 3}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     @property
     def widths(self) -> bool:

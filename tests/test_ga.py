@@ -284,6 +284,18 @@ def test_a_replayed_patience_stops_where_the_run_would_have(patience, stop):
     assert stopping_generation(bests, patience) == stop
 
 
+@pytest.mark.parametrize("settings, expected", [
+    ({}, (2, 8, 8)),  # the joint space
+    ({"space": "sublayers"}, (4, 4, 3)),
+    ({"remove": 8}, (4, 4, 3)),  # whole layers
+    ({"offspring": 3, "tournament": 2}, (3, 8, 2)),  # what is given wins
+])
+def test_selection_defaults_follow_the_space_and_are_saved_resolved(settings, expected):
+    search = SearchConfig(**settings)
+    assert (search.offspring, search.screen_factor, search.tournament) == expected
+    assert SearchConfig.from_dict(search.to_dict()) == search  # a run folder keeps what it ran with
+
+
 def test_screening_fully_scores_only_the_best_screened_offspring(tmp_path):
     class Recording(PlantedEvaluator):
         def __init__(self, target):
