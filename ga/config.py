@@ -96,8 +96,8 @@ class SearchConfig(Settings):
 
         On the joint space a generation costs what one of EvoPress's does (16 candidates
         screened, 2 scored in full) and parents come mostly from the best genomes: at a budget
-        of tens of evaluations that search reached a lower fitness than the depth genes'
-        defaults, which the other spaces keep (experiments/results/search_quality-joint)."""
+        of tens of evaluations that search reached a lower fitness than with the defaults the
+        other spaces keep (experiments/results/search_quality-joint)."""
         if self.space is None:
             self.space = "layers" if self.remove is not None or self.ratio is not None else "joint"
         if self.space not in SPACES:
