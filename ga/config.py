@@ -11,6 +11,15 @@ SUBLAYER_INITS = ("width", "mix", "sublayers")  # seeds that cut sub-layers: the
 # Search settings added after runs were saved without them, with the value that reproduces what
 # those runs did: a run saved before seam moves existed resumes with seam moves off, one saved
 # before spaces existed searched whole layers.
+# What a setting left unset becomes on each space. On the joint space a generation costs what one
+# of EvoPress's does (16 candidates screened, 2 scored in full) and parents come mostly from the
+# best genomes: at a budget of tens of evaluations that search reached a lower fitness than with
+# the selection the other spaces keep (experiments/results/search_quality-joint).
+SPACE_DEFAULTS: dict[str, dict[str, object]] = {
+    "layers": {"init": "importance", "offspring": 4, "screen_factor": 4, "tournament": 3},
+    "sublayers": {"init": "sublayers", "offspring": 4, "screen_factor": 4, "tournament": 3},
+    "joint": {"init": "width", "offspring": 2, "screen_factor": 8, "tournament": 8},
+}
 ADDED_SINCE: dict[str, object] = {"seam_prob": 0.0, "space": "layers", "params": None, "mlp_levels": 8,
                                   "guide": False}
 
@@ -50,7 +59,8 @@ class SearchConfig(Settings):
     seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same run"})
 
     def __post_init__(self) -> None:
-        self._resolve_space()
+        layer_budget = self.remove is not None or self.ratio is not None
+        self._resolve_space(layer_budget)
         for name in ("pop", "offspring", "tournament", "hof", "mlp_levels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -73,7 +83,6 @@ class SearchConfig(Settings):
             raise ValueError(f"ratio must lie strictly between 0 and 1, got {self.ratio!r}")
         if self.remove is not None and not (isinstance(self.remove, int) and self.remove >= 1):
             raise ValueError(f"remove must be a positive number of layers, got {self.remove!r}")
-        layer_budget = self.remove is not None or self.ratio is not None
         if layer_budget and self.space != "layers":
             raise ValueError(f"--remove and --ratio count whole layers: use --params with --space {self.space}")
         if layer_budget and self.params is not None:
@@ -81,8 +90,6 @@ class SearchConfig(Settings):
         if self.params is not None and not (isinstance(self.params, (int, float)) and not isinstance(self.params, bool)
                                             and 0 < self.params and (self.params < 1 or float(self.params).is_integer())):
             raise ValueError(f"params must be a share between 0 and 1 or a whole count of parameters, got {self.params!r}")
-        if self.init is None:
-            self.init = {"layers": "importance", "sublayers": "sublayers"}.get(self.space, "width")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init in SUBLAYER_INITS and self.space == "layers":
@@ -90,21 +97,13 @@ class SearchConfig(Settings):
         if self.gens == 0 and self.init == "random":
             raise ValueError("--gens 0 scores the one-shot seed alone: choose an --init other than random")
 
-    def _resolve_space(self) -> None:
-        """The space (joint unless a layer budget is given) and the selection defaults that
-        depend on it.
-
-        On the joint space a generation costs what one of EvoPress's does (16 candidates
-        screened, 2 scored in full) and parents come mostly from the best genomes: at a budget
-        of tens of evaluations that search reached a lower fitness than with the defaults the
-        other spaces keep (experiments/results/search_quality-joint)."""
+    def _resolve_space(self, layer_budget: bool) -> None:
+        """The space (joint unless a layer budget is given), then its SPACE_DEFAULTS for what is unset."""
         if self.space is None:
-            self.space = "layers" if self.remove is not None or self.ratio is not None else "joint"
+            self.space = "layers" if layer_budget else "joint"
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
-        defaults = {"offspring": 2, "screen_factor": 8, "tournament": 8} if self.space == "joint" else \
-            {"offspring": 4, "screen_factor": 4, "tournament": 3}
-        for name, value in defaults.items():
+        for name, value in SPACE_DEFAULTS[self.space].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
