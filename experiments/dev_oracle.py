@@ -8,17 +8,25 @@ the benchmark repairs them. Reported: each candidate's calibration fitness and d
 the best candidate on dev against the picks, and how well calibration fitness ranks the
 candidates by dev perplexity (Spearman). Dev text only: it chooses, test text is not read.
 
+With --fresh-windows N it also asks whether another fitness would rank these near-optimal genomes
+better: each candidate is scored on N calibration windows no search read (after the scoring
+windows and those the repair and ranking read), by perplexity and by KL from the dense model,
+and by KL on the search's own scoring windows (what `--fitness kl` would have measured); for each GA run the pick a final re-ranking of its best genomes by that fitness would make
+is compared on dev with the run's own pick. --match keeps the candidates whose source matches
+(the spread of other spaces' genomes would make any fitness look good at ranking).
+
     python -m experiments.dev_oracle --data-dir ../shared/data --threads 2 --share 0.26667
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from evaluators.config import DEV_TEXTS
+from evaluators.config import DEV_TEXTS, EvaluatorConfig
 from experiments.fidelity import spearman
 from experiments.report import save_results
 from ga.checkpoint import RunFolder
@@ -44,6 +52,66 @@ def picks(work: Path, share: float) -> list[dict[str, Any]]:
             for row in rows]
 
 
+def fresh_blocks(evaluator: Any, config: EvaluatorConfig, windows: int) -> Any:
+    """Calibration windows after every one a search reads (scoring, then alignment, repair, ranking)."""
+    from evaluators.text import text_blocks
+    used = evaluator.split.score.shape[0] + evaluator.split.tune.shape[0]
+    blocks = text_blocks(config.data, evaluator.tokenizer, config.seq_len, data_dir=config.data_dir)
+    if blocks.shape[0] < used + windows:
+        raise SystemExit(f"{config.data} holds {blocks.shape[0]} windows: {used} are read by the search, "
+                         f"{windows} more were asked for")
+    return blocks[used:used + windows]
+
+
+def score_fresh(evaluator: Any, config: EvaluatorConfig, candidates: list[dict[str, Any]], work: Path,
+                windows: int) -> None:
+    """Each candidate's KL on the scoring windows (`evaluator` measures KL fitness), and its
+    perplexity and KL on the fresh calibration windows (one file per genome and measure under
+    work, so an interrupted study resumes)."""
+    from chromosomes import from_string
+    from evaluators.perplexity import final_hidden
+    blocks = fresh_blocks(evaluator, config, windows)
+    reference = None
+    for candidate in candidates:
+        key = candidate["chromosome"]
+        path = work / f"fresh-{windows}" / f"{key}.json"
+        if not path.is_file():
+            if reference is None:
+                reference = final_hidden(evaluator.model, blocks, evaluator.batch_size)
+            write_json_atomic(path, evaluator.heldout(from_string(key), {"fresh": blocks}, {"fresh": reference})["fresh"])
+        path_kl = work / "scoring-kl" / f"{key}.json"
+        if not path_kl.is_file():
+            write_json_atomic(path_kl, evaluator.evaluate([from_string(key)])[0].to_dict())
+        fresh, scoring = json.loads(path.read_text()), json.loads(path_kl.read_text())
+        candidate["fresh perplexity"], candidate["fresh kl"], candidate["scoring kl"] = fresh["perplexity"], fresh["kl"], scoring["kl"]
+        candidate["scoring perplexity"] = scoring["perplexity"]  # the search's fitness again: a check of the setup
+        print(f"{candidate['source']:40s} scoring perplexity {scoring['perplexity']:.3f} kl {scoring['kl']:.4f}; "
+              f"fresh perplexity {fresh['perplexity']:.3f} kl {fresh['kl']:.4f}", flush=True)
+
+
+def fresh_summary(candidates: list[dict[str, Any]], top: int) -> dict[str, Any]:
+    """How each fitness ranks the distinct candidates by dev perplexity (and how the dev texts
+    rank them against each other: no one fitness can agree with two texts that disagree), and
+    what re-ranking each GA run's best `top` genomes by it would have picked, against the run's
+    own pick (dev mean, averaged)."""
+    fitnesses = ("fitness", "scoring kl", "fresh perplexity", "fresh kl")
+    distinct = list({c["chromosome"]: c for c in candidates}.values())
+    first, second = DEV_TEXTS
+    summary: dict[str, Any] = {f"spearman {first} ~ {second}": spearman([c[first] for c in distinct], [c[second] for c in distinct])}
+    for kind in fitnesses:
+        for name in (*DEV_TEXTS, "dev mean"):
+            summary[f"spearman {kind} ~ {name}"] = spearman([c[kind] for c in distinct], [c[name] for c in distinct])
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for candidate in candidates:
+        if " #" in candidate["source"]:
+            runs.setdefault(candidate["source"].split(" #")[0], []).append(candidate)
+    for kind in fitnesses:
+        chosen = [min(found[:top], key=lambda c: c[kind]) for found in runs.values()]
+        summary[f"re-ranked by {kind}: dev mean of the picks"] = statistics.mean(c["dev mean"] for c in chosen)
+    summary["runs re-ranked"] = len(runs)
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.dev_oracle", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,18 +121,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--match", default="", help="keep only candidates whose source matches this regular expression")
+    parser.add_argument("--fresh-windows", type=int, default=0,
+                        help="also score every candidate on this many calibration windows no search read (0: off)")
     parser.add_argument("--output", default=None, help="stem under experiments/results (default: dev_oracle-p<share>)")
     args = parser.parse_args(argv)
 
-    from evaluators.config import EvaluatorConfig
     from evaluators.fitness import ModelEvaluator
     from evaluators.text import text_blocks
     from chromosomes import from_string
 
     work = Path(args.work)
     candidates = [c for c in picks(work, args.share) if c["repair"] == "lsq"] + ga_candidates(work, args.share, args.top)
-    evaluator = ModelEvaluator(EvaluatorConfig(data_dir=args.data_dir, threads=args.threads,
-                                               align_cache=str(work / "store")))
+    candidates = [c for c in candidates if re.search(args.match, c["source"])]
+    config = EvaluatorConfig(data_dir=args.data_dir, threads=args.threads, align_cache=str(work / "store"),
+                             fitness="kl" if args.fresh_windows else "ppl")
+    evaluator = ModelEvaluator(config)
     dev = {name: text_blocks(name, evaluator.tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}
     known = {c["chromosome"]: {name: c[name] for name in DEV_TEXTS} for c in candidates if DEV_TEXTS[0] in c}
     for candidate in candidates:  # each genome once, kept on disk for an interrupted run
@@ -82,8 +154,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                "best on dev": best["source"], "best dev mean": best["dev mean"],
                **{f"spearman fitness ~ {name}": spearman([c["fitness"] for c in candidates], [c[name] for c in candidates])
                   for name in DEV_TEXTS}}
-    print(summary)
     columns = ["source", "fitness", *DEV_TEXTS, "dev mean"]
+    if args.fresh_windows:
+        score_fresh(evaluator, config, candidates, work, args.fresh_windows)
+        summary |= fresh_summary(candidates, args.top)
+        columns[2:2] = ["scoring kl", "fresh perplexity", "fresh kl"]
+    print(summary)
     save_results(args.output or f"dev_oracle-p{args.share:.4f}",
                  {"settings": vars(args), "summary": summary, "candidates": candidates},
                  sorted(candidates, key=lambda c: c["dev mean"]), columns)
