@@ -165,3 +165,31 @@ def test_the_gpu_benchmark_runs_end_to_end_on_a_tiny_shape(tmp_path):
     greedy_fit = rows["alignment, greedy (device)"]["mean correlation"]
     assert 0.9 * rows["alignment, hungarian (CPU)"]["mean correlation"] <= greedy_fit
     assert (tmp_path / "gpu_bench-smoke.md").read_text().startswith("| part |")
+
+
+def test_the_dev_oracle_re_ranks_each_runs_best_genomes_by_each_fitness():
+    """experiments/dev_oracle --fresh-windows: every fitness ranks each distinct genome once (a
+    pick that is also a run's best counts once), and a run's re-ranked pick is the best by that
+    fitness among its first `top` genomes, which come in the order of the run's own fitness."""
+    from evaluators.config import DEV_TEXTS
+    from experiments.dev_oracle import fresh_summary
+
+    def candidate(source: str, genome: str, fitness: float, fresh: float, first: float, second: float) -> dict:
+        return {"source": source, "chromosome": genome, "fitness": fitness, "scoring kl": fitness / 10,
+                "fresh perplexity": fresh, "fresh kl": fresh / 10, DEV_TEXTS[0]: first, DEV_TEXTS[1]: second,
+                "dev mean": (first + second) / 2}
+
+    candidates = [candidate("pick ga-joint s0", "a", 1.0, 5.0, 10.0, 20.0),
+                  candidate("run0 #1", "a", 1.0, 5.0, 10.0, 20.0),
+                  candidate("run0 #2", "b", 2.0, 3.0, 8.0, 18.0),
+                  candidate("run0 #3", "c", 3.0, 1.0, 30.0, 40.0),
+                  candidate("run1 #1", "d", 1.5, 4.0, 12.0, 16.0),
+                  candidate("run1 #2", "e", 2.5, 6.0, 11.0, 19.5)]
+    summary = fresh_summary(candidates, top=2)
+    assert summary["runs re-ranked"] == 2
+    assert summary["re-ranked by fitness: dev mean of the picks"] == (15.0 + 14.0) / 2  # a and d
+    assert summary["re-ranked by fresh perplexity: dev mean of the picks"] == (13.0 + 14.0) / 2  # b and d; c is third
+    assert summary["re-ranked by fresh kl: dev mean of the picks"] == (13.0 + 14.0) / 2
+    # over the five distinct genomes (a once): rho = 1 - 6 * sum of squared rank differences / (n (n^2 - 1))
+    assert summary[f"spearman {DEV_TEXTS[0]} ~ {DEV_TEXTS[1]}"] == pytest.approx(1 - 6 * 14 / 120)
+    assert summary["spearman fitness ~ dev mean"] == pytest.approx(1 - 6 * 8 / 120)
