@@ -3,6 +3,7 @@ trains what each plan says, and refuses bad inputs before loading any weights.""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -315,10 +316,12 @@ def test_the_module_runs_as_a_command_and_documents_every_setting(tmp_path):
 
 def test_steps_0_exports_the_repaired_compact_model_untrained_with_its_efficiency(llama_dir, text_file, held_out,
                                                                                   tmp_path):
-    """A hand-written chromosome file (genes, model, depth) is exported repaired, as a search scores it."""
+    """A hand-written chromosome file (genes, model, depth, and the text its cuts are repaired on,
+    so that the test reads no shared data) is exported repaired, as a search scores it."""
     best = tmp_path / "hand.json"
+    text = {"data": str(text_file), "seq_len": 32, "score_tokens": 128, "batch_size": 2, "repair_tokens": 256}
     best.write_text(json.dumps({"format": "gaprune.chromosome", "format_version": 1, "genes": list(SKIP_ONLY),
-                                "model": str(llama_dir), "num_layers": 6}))
+                                "model": str(llama_dir), "num_layers": 6, "extra": {"evaluator": text}}))
     argv = options(best, tmp_path / "compact", text_file, held_out, "--steps", "0", "--measure")
     assert main(argv) == 0
     report = json.loads((tmp_path / "compact" / "report.json").read_text())
@@ -331,7 +334,7 @@ def test_steps_0_exports_the_repaired_compact_model_untrained_with_its_efficienc
     assert 0 < efficiency["compact"]["file_bytes"] < efficiency["dense"]["file_bytes"]
 
     from evaluators.fitness import ModelEvaluator
-    scorer = ModelEvaluator(EvaluatorConfig(model=str(llama_dir)))  # a search's defaults: repair lsq, same text
+    scorer = ModelEvaluator(EvaluatorConfig(model=str(llama_dir), **text))  # a search's defaults otherwise: repair lsq
     stack = scorer.stack(SKIP_ONLY)
     from evaluators.surgery import layer_view
     with layer_view(scorer.model, stack.modules, stack.layer_types):
@@ -599,3 +602,15 @@ def test_a_checkpoint_saved_before_a_setting_existed_resumes_without_a_change():
     for name in ("teacher_device", "loss", "kd_temperature", "kd_weight"):
         saved.pop(name)
     assert HealConfig().changes_from(HealConfig.from_dict(saved)) == []
+
+
+def test_a_hand_written_file_is_cut_with_a_searchs_default_settings_on_this_machines_placement():
+    """Without saved search settings the cut is the one a search with defaults scores."""
+    from evaluators.compact import surgery_settings
+
+    hand = ChromosomeRecord((1, 0, 1, 1, 0, 1), "tiny", 6)
+    placement = HealConfig(data_dir="texts", repair="none")
+    settings = surgery_settings(hand, "tiny", placement)
+    expected = replace(EvaluatorConfig(model="tiny"), dtype=placement.dtype, device=placement.device,
+                       data_dir="texts", repair="none", threads=0)
+    assert settings == expected and settings.data == EvaluatorConfig.data
