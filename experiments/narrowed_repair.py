@@ -23,7 +23,6 @@ measured on the first --dev-tokens of each dev text. Attention keeps Taylor2's k
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from dataclasses import replace
@@ -112,7 +111,7 @@ def with_bias(layer: nn.Module, evaluator: ModelEvaluator, kept_weight: torch.Te
     old = family.module(layer, family.down)
     new = nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
     new.weight.data, new.bias.data = kept_weight.to(old.weight.dtype), bias.to(old.weight.dtype)
-    return family.replaced(copy.copy(layer), family.down, new.requires_grad_(False))
+    return family.replaced(layer, family.down, new.requires_grad_(False))
 
 
 def variant_layers(evaluator: ModelEvaluator, genes: Sequence[object], variant: str, orders: dict[int, list[int]],
