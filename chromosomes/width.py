@@ -177,6 +177,31 @@ class Ranking:
         return LayerUnits(tuple(sorted(heads)), tuple(sorted(chans)))
 
 
+def reordered(units: Sequence[Unit], orders: dict[tuple[int, str], Sequence[int]]) -> list[Unit]:
+    """The units with each (layer, kind)'s importances, largest first, handed to its units in
+    `orders[(layer, kind)]` (unit indices, the one to keep longest first).
+
+    A layer's importances stay the same set, so a global selection takes as many units from it
+    as before; which ones it keeps, and so every width's prefix, now follows the order.
+    """
+    groups: dict[tuple[int, str], list[Unit]] = {}
+    for unit in units:
+        groups.setdefault((unit.layer, unit.kind), []).append(unit)
+    result = []
+    for key, group in groups.items():
+        order = orders.get(key)
+        if order is None:
+            result += group
+            continue
+        if sorted(order) != sorted(u.index for u in group):
+            raise ChromosomeError(f"the order given for layer {key[0]}'s {key[1]} units is not a permutation of them")
+        by_index = {u.index: u for u in group}
+        importances = sorted((u.importance for u in group), reverse=True)
+        result += [Unit(key[0], key[1], index, importance, by_index[index].cost)
+                   for index, importance in zip(order, importances)]
+    return result
+
+
 def _counts(units: Sequence[Unit]) -> dict[tuple[int, str], int]:
     counts: dict[tuple[int, str], int] = {}
     for unit in units:

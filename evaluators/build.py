@@ -3,8 +3,9 @@
 A `Builder` holds the dense model and everything a genome needs to become modules of it:
 - merge blocks are fused by the `LayerMerger` (alignment statistics on calibration text);
 - narrowed layers keep the units a *ranking* puts first: each layer's key-value groups and MLP
-  channels ordered once by importance on calibration text (`--ranking`), so every width is a
-  prefix of it and a cut sub-layer is sliced once per (layer, units) and cached;
+  channels ordered once by importance on calibration text, or by what the layer's refit loses
+  (`--ranking`), so every width is a prefix of it and a cut sub-layer is sliced once per
+  (layer, units) and cached;
 - every cut is repaired (`--repair`): narrowed sub-layers refitted, seams mapped.
 A chromosome file's `units` (the units it keeps, written by the search) take the ranking's place,
 so an export never needs the importance pass. The same builder serves the search, `finetune.best`
@@ -26,7 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from chromosomes import Block, ChromosomeError, blocks, validate
-from chromosomes.width import LayerUnits, Ranking, Unit
+from chromosomes.width import KINDS, LayerUnits, Ranking, Unit, reordered
 from evaluators.alignment import AlignmentCache, auto_align_tokens, pair_statistics, resolved_assignment
 from evaluators.families import Geometry, family_of
 from evaluators.merge import PROBE_TOKENS, LayerMerger, record_layer_inputs, require_mergeable
@@ -34,7 +35,7 @@ from evaluators.models import decoder_layers
 from evaluators.repair import SeamRepairer
 from evaluators.surgery import LayerStack, dense_layer_types, install_stack
 from evaluators.text import CalibrationSplit, text_blocks
-from evaluators.units import full_geometry, layer_shape, narrowed, output_columns, unit_importance
+from evaluators.units import full_geometry, layer_shape, narrowed, output_columns, span_size, unit_importance
 from gaprune.files import write_json_atomic
 
 # Memory for cut sub-layers kept for reuse: a search revisits the same widths of the same layers.
@@ -144,16 +145,30 @@ class Builder:
             with _locked(store):
                 self._units = self._stored_units(store)
                 if self._units is None:
-                    windows = -(-self.config.ranking_tokens // self.config.seq_len)
-                    self._units = unit_importance(self.model, self.tune[:windows], self.config.ranking)
+                    self._units = self._ranked_units()
                     if store is not None:
                         write_json_atomic(self._ranking_path(store), {
                             "format": RANKING_FORMAT, "depends_on": self._ranking_identity(),
                             "units": [[u.layer, u.kind, u.index, u.importance, u.cost] for u in self._units]})
         return self._units
 
+    def _ranked_units(self) -> list[Unit]:
+        """Importance on calibration text; with `obs`, taylor2's importances handed to each layer's
+        units in the order its refit loses least by (see `removal_order`)."""
+        c = self.config
+        windows = -(-c.ranking_tokens // c.seq_len)
+        units = unit_importance(self.model, self.tune[:windows], "taylor2" if c.ranking == "obs" else c.ranking)
+        if c.ranking != "obs":
+            return units
+        geometry, _ = full_geometry(self.model)
+        unit_columns = {"attention": span_size("query", geometry), "mlp": 1}
+        return reordered(units, {(layer, kind): self.repairer.removal_order(layer, kind, unit_columns[kind])
+                                 for layer in range(self.num_layers) for kind in KINDS})
+
     def _ranking_identity(self) -> dict[str, Any]:
-        return {**self.text_identity(), "ranking": self.config.ranking, "ranking_tokens": self.config.ranking_tokens}
+        c = self.config
+        refit = {"repair_tokens": c.repair_tokens, "repair_ridge": c.repair_ridge} if c.ranking == "obs" else {}
+        return {**self.text_identity(), "ranking": c.ranking, "ranking_tokens": c.ranking_tokens, **refit}
 
     def _ranking_path(self, store: Path) -> Path:
         digest = hashlib.sha256(json.dumps(self._ranking_identity(), sort_keys=True).encode()).hexdigest()[:16]

@@ -20,7 +20,8 @@ ASSIGNMENTS = ("auto", "hungarian", "greedy")  # how merged layers' MLP units ar
 MERGE_RULES: tuple[str, ...] = ("mean", "sum")
 REPAIRS: tuple[str, ...] = ("none", "lsq", "lsq-attn", "scale")
 REPAIR_INPUTS: tuple[str, ...] = ("pruned", "dense")
-IMPORTANCE = ("taylor", "taylor2", "wanda")  # how a narrowed layer ranks its units
+IMPORTANCE = ("taylor", "taylor2", "wanda")  # what a unit's weights are scored by on calibration text
+RANKINGS = (*IMPORTANCE, "obs")  # how a narrowed layer orders its units (obs: by what its refit loses)
 FITNESS_KINDS = ("ppl", "kl")
 # Evaluator settings added after runs and chromosome files were saved without them, with the
 # value that reproduces what those did: widths cut before refits existed were not refitted.
@@ -60,7 +61,7 @@ class EvaluatorConfig(Settings):
     repair_tokens: int = field(default=32768, metadata={"help": "calibration tokens (disjoint from the scoring ones) for the seam repair statistics"})
     repair_inputs: str = field(default="dense", metadata={"help": "what each seam's map is fitted on: dense (the dense model's activations, so a fit is shared by every chromosome with that seam; cost: experiments/results/repair_cost) or pruned (the cut model's own, earlier seams repaired: better on deep cuts, one forward over the repair tokens per new chromosome)"})
     repair_ridge: float = field(default=1e-3, metadata={"help": "seam repair ridge, relative to the mean diagonal of X^T X (shrinks the map towards the identity)"})
-    ranking: str = field(default="taylor2", metadata={"help": "how a narrowed layer chooses the units it keeps: taylor (|w * grad|), taylor2 (diagonal Fisher, w^2 * grad^2 / 2) or wanda (|w| * input norm), each summed over a unit's weights on calibration text; every width keeps a prefix of one ranking per layer"})
+    ranking: str = field(default="taylor2", metadata={"help": "how a narrowed layer chooses the units it keeps: taylor (|w * grad|), taylor2 (diagonal Fisher, w^2 * grad^2 / 2) or wanda (|w| * input norm), each summed over a unit's weights on calibration text; or obs: each layer's units ordered by what removing them costs its refitted output (structured OBS on the refit's Gram matrix; needs the refit), the one-shot plan's widths still set by taylor2; every width keeps a prefix of one ranking per layer"})
     ranking_tokens: int = field(default=8192, metadata={"help": "calibration tokens the ranking's importance is measured on (once per run, kept in the run folder)"})
     refit: bool = field(default=True, metadata={"help": "with a repair: refit a narrowed sub-layer's output projection (o_proj, down_proj) to the dense one's output by least squares"})
     fitness: str = field(default="ppl", metadata={"help": "what the search minimises: ppl (perplexity) or kl (KL divergence from the dense model's next-token distribution)"})
@@ -96,8 +97,11 @@ class EvaluatorConfig(Settings):
             raise ValueError(f"fitness must be one of {', '.join(FITNESS_KINDS)}, got {self.fitness!r}")
         if self.merge_rule not in MERGE_RULES:
             raise ValueError(f"merge_rule must be one of {', '.join(MERGE_RULES)}, got {self.merge_rule!r}")
-        if self.ranking not in IMPORTANCE:
-            raise ValueError(f"ranking must be one of {', '.join(IMPORTANCE)}, got {self.ranking!r}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
+        if self.ranking == "obs" and (self.repair == "none" or not self.refit):
+            raise ValueError("ranking obs orders units by what the refit of a narrowed layer loses: it needs a "
+                             "repair and the refit (not --repair none or --no-refit)")
 
     @property
     def score_blocks(self) -> int:

@@ -22,7 +22,8 @@ projection's kept columns are the least-squares fit of the dense projection's ou
 
     W_K <- W G[:, K] (G[K, K] + ridge I)^-1,    G = sum over dense tokens of x x^T
 
-with x the projection's input: one Gram matrix per layer and kind serves every width.
+with x the projection's input: one Gram matrix per layer and kind serves every width. The same
+matrix prices each unit by what this refit loses without it (`removal_order`, `--ranking obs`).
 
 Variants (`--repair`; experiments/repair_variants chose `lsq` on dev text):
 - `lsq`: the full map above, folded into the output projection;
@@ -308,8 +309,55 @@ class NormalEquations:
         return (q * ((cross + strength) / (gram + strength))) @ q.T
 
     def _strength(self, ridge: float) -> float:
-        """The ridge relative to the mean diagonal of X^T X, so it means the same at every scale."""
-        return ridge * float(torch.diagonal(self.xx).mean()) + 1e-12
+        return ridge_strength(self.xx, ridge)
+
+
+def ridge_strength(gram: torch.Tensor, ridge: float) -> float:
+    """The ridge relative to the mean diagonal of a Gram matrix X^T X, so it means the same at every scale."""
+    return ridge * float(torch.diagonal(gram).mean()) + 1e-12
+
+
+def removal_order(gram: torch.Tensor, weight: torch.Tensor, ridge: float, unit_size: int = 1,
+                  block: int = 1) -> list[int]:
+    """The units of a sub-layer from the one its refit misses most to the one it misses least,
+    so that every width keeps a prefix (structured Optimal Brain Surgeon, as ZipLM prunes).
+
+    A unit is `unit_size` consecutive input columns of the output projection `weight` (out x in),
+    `gram` the Gram matrix of that projection's dense input. Removing the columns S of a
+    projection whose kept columns are then refitted (the refit of `SeamRepairer.refit`) costs
+    tr(W_S (H^-1_SS)^-1 W_S^T) in squared output, H = gram + ridge. Units go `block` at a time,
+    the cheapest first, and W and H^-1 are updated in closed form after each step, so a unit is
+    priced by what it adds to a refit that already lost the units before it: the ranking that a
+    refit rewards, where one by importance alone prices each unit as if nothing else were cut.
+    """
+    size = gram.shape[0]
+    if size % unit_size or weight.shape[1] != size:
+        raise ValueError(f"a Gram matrix of {size} columns and a weight of {weight.shape[1]} do not split into "
+                         f"units of {unit_size}")
+    eye = torch.eye(size, dtype=torch.float64, device=gram.device)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(gram.double() + ridge_strength(gram, ridge) * eye))
+    w = weight.detach().double().to(gram.device).clone()
+    alive = list(range(size // unit_size))
+    removed: list[int] = []
+    while len(alive) > 1:
+        count = len(alive)
+        h_units = torch.diagonal(hinv.reshape(count, unit_size, count, unit_size), dim1=0, dim2=2).permute(2, 0, 1)
+        w_units = w.reshape(-1, count, unit_size).permute(1, 2, 0).contiguous()  # unit, column, output
+        lower = torch.linalg.cholesky(h_units.contiguous())  # tr(W_S H_S^-1 W_S^T) = ||L^-1 W_S^T||^2
+        cost = torch.linalg.solve_triangular(lower, w_units, upper=False).square().sum((1, 2))
+        chosen = torch.sort(cost, stable=True).indices[:min(block, count - 1)].tolist()
+        gone = set(chosen)
+        columns = torch.tensor([u * unit_size + j for u in chosen for j in range(unit_size)], device=hinv.device)
+        h_s = hinv[:, columns]
+        inverse = torch.linalg.inv(h_s[columns])
+        w -= w[:, columns] @ inverse @ h_s.T
+        hinv -= h_s @ inverse @ h_s.T
+        keep = torch.tensor([u * unit_size + j for u in range(count) if u not in gone
+                             for j in range(unit_size)], device=hinv.device)
+        w, hinv = w[:, keep], hinv[keep][:, keep]
+        removed += [alive[u] for u in chosen]
+        alive = [unit for u, unit in enumerate(alive) if u not in gone]
+    return alive + removed[::-1]
 
 
 def random_rotation(size: int, seed: int = 0) -> torch.Tensor:
@@ -572,12 +620,22 @@ class SeamRepairer:
         gram = self.gram(layer, kind)
         kept = torch.tensor(list(columns), device=gram.device)
         g_kk, g_nk = gram[kept][:, kept], gram[:, kept]
-        strength = self.ridge * float(torch.diagonal(g_kk).mean()) + 1e-12
+        strength = ridge_strength(g_kk, self.ridge)
         eye = torch.eye(len(columns), dtype=gram.dtype, device=gram.device)
         # W_K^T = (G_KK + s I)^-1 G_KN W^T, the normal equations of min ||X_K W_K^T - X W^T||^2
         solved = torch.linalg.solve(g_kk + strength * eye, g_nk.T @ dense.double().T).T
         if torch.isfinite(solved).all():
             target.weight.data = solved.to(target.weight.dtype)
+
+    def removal_order(self, layer: int, kind: str, unit_size: int) -> list[int]:
+        """Layer `layer`'s units of this kind (`unit_size` columns of its output projection each),
+        from the one its refit misses most to the one it misses least. Units go in blocks of a
+        128th of the layer's (one at a time below 256), so the order costs a few cubic solves."""
+        path = self.family.o if kind == "attention" else self.family.down
+        gram = self.gram(layer, kind)
+        units = gram.shape[0] // unit_size
+        return removal_order(gram, output_projection(self.dense_layers[layer], self.family, path).weight,
+                             self.ridge, unit_size, block=max(1, units // 128))
 
     @torch.no_grad()
     def gram(self, layer: int, kind: str) -> torch.Tensor:

@@ -36,6 +36,7 @@ from chromosomes.width import LayerUnits
 from evaluators.config import DEV_TEXTS, EvaluatorConfig
 from evaluators.fitness import ModelEvaluator
 from evaluators.perplexity import perplexity
+from evaluators.repair import removal_order, ridge_strength
 from evaluators.surgery import layer_view
 from evaluators.text import text_blocks
 from evaluators.units import full_geometry
@@ -43,26 +44,6 @@ from experiments.report import RESULTS, save_results
 
 VARIANTS = ("taylor2", "taylor2 + bias", "obs", "obs + bias")
 PICKS = ("width-oneshot", "ga-joint")
-
-
-def obs_order(gram: torch.Tensor, weight: torch.Tensor, ridge: float) -> list[int]:
-    """Channels from the one to keep longest to the first removed, by structured OBS on the
-    refitted output (see the module's docstring)."""
-    n = gram.shape[0]
-    h = gram + (ridge * float(torch.diagonal(gram).mean()) + 1e-12) * torch.eye(n, dtype=gram.dtype)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    w = weight.double().clone()
-    alive = torch.ones(n, dtype=torch.bool)
-    removed = []
-    for _ in range(n - 1):
-        diagonal = torch.where(alive, torch.diagonal(hinv), torch.ones(n, dtype=hinv.dtype))
-        cost = torch.where(alive, w.square().sum(0) / diagonal, torch.full((n,), torch.inf, dtype=w.dtype))
-        j = int(torch.argmin(cost))
-        w -= torch.outer(w[:, j], hinv[j]) / hinv[j, j]
-        hinv -= torch.outer(hinv[:, j], hinv[j]) / hinv[j, j]
-        alive[j] = False
-        removed.append(j)
-    return [int(torch.nonzero(alive)[0])] + removed[::-1]
 
 
 @torch.no_grad()
@@ -95,7 +76,7 @@ def intercept_refit(gram: torch.Tensor, total: torch.Tensor, count: int, weight:
     """The kept columns of down_proj and a bias, the least-squares fit of the dense output."""
     k = torch.tensor(list(kept))
     g_kk = gram[k][:, k]
-    strength = ridge * float(torch.diagonal(g_kk).mean()) + 1e-12
+    strength = ridge_strength(g_kk, ridge)
     size = len(kept)
     system = torch.zeros(size + 1, size + 1, dtype=torch.float64)
     system[:size, :size] = g_kk + strength * torch.eye(size, dtype=torch.float64)
@@ -164,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     sums = input_sums(evaluator)
     family = evaluator.family
-    orders = {layer: obs_order(evaluator.builder.repairer.gram(layer, "mlp"),
-                               family.module(module, family.down).weight, config.repair_ridge)
+    orders = {layer: removal_order(evaluator.builder.repairer.gram(layer, "mlp"),
+                                   family.module(module, family.down).weight, config.repair_ridge)
               for layer, module in enumerate(evaluator.builder.dense_layers)}
     print(f"statistics and OBS orders: {time.perf_counter() - started:.0f} s", flush=True)
     rows = []

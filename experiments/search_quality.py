@@ -40,7 +40,8 @@ import torch
 
 from chromosomes import Shape, Space, from_string, to_string
 from chromosomes.width import counts_left, select_global
-from evaluators.config import DEV_TEXTS, EvaluatorConfig, FITNESS_KINDS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS, saved_evaluator
+from evaluators.config import (DEV_TEXTS, EvaluatorConfig, FITNESS_KINDS, RANKINGS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS,
+                               saved_evaluator)
 from evaluators.fitness import Fitness, ModelEvaluator
 from evaluators.perplexity import final_hidden
 from evaluators.surgery import layer_view
@@ -397,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repair", default=EvaluatorConfig.repair, choices=REPAIRS)
     parser.add_argument("--repair-inputs", default=EvaluatorConfig.repair_inputs, choices=REPAIR_INPUTS)
     parser.add_argument("--repair-tokens", type=int, default=EvaluatorConfig.repair_tokens)
+    parser.add_argument("--ranking", default=EvaluatorConfig.ranking, choices=RANKINGS,
+                        help="ranking of the methods with widths (the raw rows rank obs's allocation, taylor2, without a refit)")
     parser.add_argument("--fitness", default=EvaluatorConfig.fitness, choices=FITNESS_KINDS,
                         help="fitness of the methods with widths")
     parser.add_argument("--depth-fitness", default="ppl", choices=FITNESS_KINDS,
@@ -418,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     base = EvaluatorConfig(model=args.model, data_dir=args.data_dir, threads=args.threads, repair=args.repair,
                            repair_inputs=args.repair_inputs, repair_tokens=args.repair_tokens, fitness=args.fitness,
-                           align_cache=str(Path(args.work) / "store"))
+                           ranking=args.ranking, align_cache=str(Path(args.work) / "store"))
     work = Path(args.work)
     if args.reuse:
         print(f"took {reuse_runs(args.reuse, work, replace(base, fitness=args.depth_fitness))} runs from {args.reuse}",
@@ -430,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             """One evaluator per (fitness, repair), all on the one model in memory."""
             if (fitness, repair) not in cache:
                 loaded = next(iter(cache.values())).inner if cache else None
-                config = replace(base, fitness=fitness, repair=repair)
+                unrefitted = repair == "none" and base.ranking == "obs"  # obs orders by a refit there is not
+                config = replace(base, fitness=fitness, repair=repair, ranking="taylor2" if unrefitted else base.ranking)
                 cache[(fitness, repair)] = Remembering(ModelEvaluator(config, loaded and (loaded.model, loaded.tokenizer)))
             return cache[(fitness, repair)]
 

@@ -98,10 +98,13 @@ def test_description_records_how_fitness_was_measured(evaluator):
     ("merge_rule", "max", "merge_rule must be one of"),
     ("calib_lr", -1.0, "calib_lr must be a positive number"),
     ("batch_size", 0, "batch_size must be a positive integer"),
+    ("ranking", "magnitude", "ranking must be one of taylor, taylor2, wanda, obs"),
+    ("repair", "none", "ranking obs orders units by what the refit .* loses: it needs a repair"),
+    ("refit", False, "ranking obs .* needs a repair and the refit"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
-        EvaluatorConfig(**{field: value})
+        EvaluatorConfig(**{field: value, **({"ranking": "obs"} if field in ("repair", "refit") else {})})
 
 
 def test_config_round_trips_and_rejects_unknown_keys():

@@ -10,7 +10,8 @@ from chromosomes import blocks
 from evaluators.config import EvaluatorConfig
 from evaluators.families import FAMILIES
 from evaluators.fitness import Fitness, ModelEvaluator, WORST_LOSS, finite_loss
-from evaluators.repair import NormalEquations, RepairError, Seam, random_rotation, seam_targets, with_output_map
+from evaluators.repair import (NormalEquations, RepairError, Seam, random_rotation, removal_order, seam_targets,
+                               with_output_map)
 from evaluators.surgery import LayerStack, layer_view
 from tests.tiny import REPAIRABLE
 
@@ -77,6 +78,45 @@ def test_the_fit_solves_the_ridge_problem_and_shrinks_to_the_identity():
     assert equations.rows == 500 and equations.xx.shape == (6, 6)  # memory: hidden^2, never tokens
     assert torch.allclose(equations.solve(0.0), truth, atol=1e-8)
     assert torch.allclose(equations.solve(1e8), torch.eye(6, dtype=torch.float64), atol=1e-4)
+
+
+def refit_loss(gram: torch.Tensor, weight: torch.Tensor, kept: list[int]) -> float:
+    """min over W_K of ||X W^T - X_K W_K^T||^2, from the Gram matrix alone (no ridge)."""
+    k = torch.tensor(kept, dtype=torch.long)
+    residual = gram - gram[:, k] @ torch.linalg.solve(gram[k][:, k], gram[k]) if kept else gram
+    return float(torch.trace(weight @ residual @ weight.T))
+
+
+@pytest.mark.parametrize("unit_size", [1, 2])
+def test_the_removal_order_is_greedy_backward_elimination_under_the_refit(unit_size):
+    """Each step drops the unit whose loss to the refitted output is smallest, given those gone:
+    checked against the refit's loss computed from scratch for every candidate."""
+    generator = torch.Generator().manual_seed(unit_size)
+    x = torch.randn(400, 12, generator=generator, dtype=torch.float64) @ torch.randn(12, 12, generator=generator,
+                                                                                        dtype=torch.float64)
+    gram, weight = x.T @ x, torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    order = removal_order(gram, weight, 0.0, unit_size)
+    columns = lambda units: [u * unit_size + j for u in units for j in range(unit_size)]
+    alive, expected = list(range(12 // unit_size)), []
+    while len(alive) > 1:
+        cheapest = min(alive, key=lambda u: refit_loss(gram, weight, columns([a for a in alive if a != u])))
+        alive.remove(cheapest)
+        expected.append(cheapest)
+    assert order == alive + expected[::-1]
+
+
+def test_removing_in_blocks_keeps_a_permutation_and_nearly_the_refits_loss():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 64, generator=generator, dtype=torch.float64) * torch.rand(64, generator=generator,
+                                                                                      dtype=torch.float64)
+    gram, weight = x.T @ x, torch.randn(8, 64, generator=generator, dtype=torch.float64)
+    one, blocked = removal_order(gram, weight, 1e-6), removal_order(gram, weight, 1e-6, block=4)
+    assert sorted(blocked) == list(range(64))
+    for width in (8, 16, 32, 48):
+        random_best = min(refit_loss(gram, weight, sorted(torch.randperm(64, generator=generator)[:width].tolist()))
+                          for _ in range(50))
+        greedy, block_loss = (refit_loss(gram, weight, sorted(o[:width])) for o in (one, blocked))
+        assert greedy < random_best and block_loss < random_best and block_loss < 1.5 * greedy
 
 
 def test_the_scaling_fit_recovers_a_scaling_in_the_rotated_basis_and_is_the_best_one():

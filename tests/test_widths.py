@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chromosomes import ChromosomeError, ChromosomeRecord, to_string
-from chromosomes.width import LayerUnits, Ranking, Unit, counts_left, select_global
+from chromosomes.width import LayerUnits, Ranking, Unit, counts_left, reordered, select_global
 from evaluators.config import EvaluatorConfig
 from evaluators.export import load_pruned
 from evaluators.families import family_of
@@ -165,6 +165,25 @@ def test_the_knapsack_meets_the_budget_within_one_unit_and_keeps_prefixes_of_the
         assert set(entry.channels) == {u.index for u in kept if u.layer == layer and u.kind == "mlp"}
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_reordered_ranking_keeps_each_layers_share_of_a_global_plan_and_follows_the_order(seed):
+    units = random_units(seed)
+    rng = random.Random(seed)
+    orders = {}
+    for unit in units:
+        orders.setdefault((unit.layer, unit.kind), []).append(unit.index)
+    for order in orders.values():
+        rng.shuffle(order)
+    moved = reordered(units, orders)
+    budget = int(0.4 * sum(u.cost for u in units))
+    assert counts_left(moved, select_global(moved, budget), 5) == counts_left(units, select_global(units, budget), 5)
+    ranking = Ranking.of(moved, 5)
+    for (layer, kind), order in orders.items():
+        assert (ranking.kv_heads if kind == "attention" else ranking.channels)[layer] == tuple(order)
+    with pytest.raises(ChromosomeError, match="layer 0's mlp units is not a permutation"):
+        reordered(units, {(0, "mlp"): [0, 0]})
+
+
 def test_a_plan_is_validated_like_a_chromosome():
     with pytest.raises(ChromosomeError, match="units lists 1 layers but the genes keep 2"):
         ChromosomeRecord((1, 0, 1), "m", 3, units=(LayerUnits((0,), (1,)),))
@@ -231,6 +250,25 @@ def test_the_ranking_is_computed_once_per_run_folder_and_read_back(llama_dir, te
         build.unit_importance = original
     other = evaluator(llama_dir, text_file, align_cache=str(tmp_path), ranking="taylor")
     assert other.units() != units and len(list(tmp_path.glob("units-*.json"))) == 2
+
+
+def test_the_obs_ranking_orders_each_layer_as_its_refit_loses_least_with_taylor2s_allocation(llama_dir, text_file,
+                                                                                             tmp_path):
+    taylor2 = evaluator(llama_dir, text_file).units()
+    obs = evaluator(llama_dir, text_file, ranking="obs", align_cache=str(tmp_path))
+    units = obs.units()
+    repairer, geometry = obs.builder.repairer, full_geometry(obs.model)[0]
+    ranking = Ranking.of(units, 6)
+    for layer in range(6):
+        assert list(ranking.channels[layer]) == repairer.removal_order(layer, "mlp", 1)
+        assert list(ranking.kv_heads[layer]) == repairer.removal_order(layer, "attention",
+                                                                         geometry.group_size * geometry.head_dim)
+    budget = int(0.3 * sum(u.cost for u in units))
+    assert counts_left(units, select_global(units, budget), 6) == counts_left(taylor2, select_global(taylor2, budget), 6)
+    assert Ranking.of(taylor2, 6) != ranking  # the order, not the allocation, is what changed
+    again = evaluator(llama_dir, text_file, ranking="obs", align_cache=str(tmp_path), repair_tokens=128)
+    assert len(list(tmp_path.glob("units-*.json"))) == 1 and again.units() != units  # the refit's statistics count
+    assert len(list(tmp_path.glob("units-*.json"))) == 2
 
 
 # -- the search's one-shot plan, exported and healed -----------------------------------------------------
