@@ -614,7 +614,7 @@ class SeamRepairer:
         """Refit, in place, the output projection of a narrowed sub-layer of dense layer `layer`:
         its kept `columns` become the least-squares fit of the dense projection's output on the
         dense model's own activations (a sub-block solve of that layer's Gram matrix)."""
-        path = self.family.o if kind == "attention" else self.family.down
+        path = self._output_path(kind)
         dense = output_projection(self.dense_layers[layer], self.family, path).weight
         target = output_projection(narrowed, self.family, path)
         gram = self.gram(layer, kind)
@@ -631,11 +631,15 @@ class SeamRepairer:
         """Layer `layer`'s units of this kind (`unit_size` columns of its output projection each),
         from the one its refit misses most to the one it misses least. Units go in blocks of a
         128th of the layer's (one at a time below 256), so the order costs a few cubic solves."""
-        path = self.family.o if kind == "attention" else self.family.down
+        path = self._output_path(kind)
         gram = self.gram(layer, kind)
         units = gram.shape[0] // unit_size
         return removal_order(gram, output_projection(self.dense_layers[layer], self.family, path).weight,
                              self.ridge, unit_size, block=max(1, units // 128))
+
+    def _output_path(self, kind: str) -> str:
+        """The output projection a sub-layer of this kind writes the residual stream through."""
+        return self.family.o if kind == "attention" else self.family.down
 
     @torch.no_grad()
     def gram(self, layer: int, kind: str) -> torch.Tensor:
@@ -645,7 +649,7 @@ class SeamRepairer:
         if key not in self._grams:
             dense, types = self.dense_states()[layer], self.dense_types
             sums: dict[str, torch.Tensor] = {}
-            paths = {"attention": self.family.o, "mlp": self.family.down}
+            paths = {name: self._output_path(name) for name in ("attention", "mlp")}
 
             def accumulate(name: str):
                 def hook(_module: nn.Module, args: tuple) -> None:
