@@ -157,8 +157,8 @@ class Builder:
         units in the order its refit loses least by (see `removal_order`)."""
         c = self.config
         windows = -(-c.ranking_tokens // c.seq_len)
-        units = unit_importance(self.model, self.tune[:windows], "taylor2" if c.ranking == "obs" else c.ranking)
-        if c.ranking != "obs":
+        units = unit_importance(self.model, self.tune[:windows], c.importance)
+        if c.unit_ranking != "obs":
             return units
         geometry, _ = full_geometry(self.model)
         unit_columns = {"attention": span_size("query", geometry), "mlp": 1}
@@ -167,8 +167,8 @@ class Builder:
 
     def _ranking_identity(self) -> dict[str, Any]:
         c = self.config
-        refit = {"repair_tokens": c.repair_tokens, "repair_ridge": c.repair_ridge} if c.ranking == "obs" else {}
-        return {**self.text_identity(), "ranking": c.ranking, "ranking_tokens": c.ranking_tokens, **refit}
+        refit = {"repair_tokens": c.repair_tokens, "repair_ridge": c.repair_ridge} if c.unit_ranking == "obs" else {}
+        return {**self.text_identity(), "ranking": c.unit_ranking, "ranking_tokens": c.ranking_tokens, **refit}
 
     def _ranking_path(self, store: Path) -> Path:
         digest = hashlib.sha256(json.dumps(self._ranking_identity(), sort_keys=True).encode()).hexdigest()[:16]

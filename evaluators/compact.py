@@ -56,8 +56,8 @@ def surgery_settings(record: ChromosomeRecord, spec: str, config: Placement) -> 
         raise ChromosomeError("the chromosome file's extra.evaluator must be an object of evaluator settings")
     searched = EvaluatorConfig.from_dict(saved_evaluator(saved)) if saved else EvaluatorConfig(model=record.model)
     store = searched.align_cache if searched.align_cache and Path(searched.align_cache).is_dir() else None
-    return replace(searched, model=spec, dtype=config.dtype, device=config.device, threads=0,
-                   data_dir=config.data_dir, repair=config.repair or searched.repair, align_cache=store)
+    return replace(searched.with_repair(config.repair or searched.repair), model=spec, dtype=config.dtype,
+                   device=config.device, threads=0, data_dir=config.data_dir, align_cache=store)
 
 
 def needs_calibration_text(record: ChromosomeRecord, settings: EvaluatorConfig) -> bool:

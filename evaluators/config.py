@@ -6,7 +6,7 @@ model or library loads; the modules that implement each choice take their names 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gaprune.options import Settings
 
@@ -21,11 +21,13 @@ MERGE_RULES: tuple[str, ...] = ("mean", "sum")
 REPAIRS: tuple[str, ...] = ("none", "lsq", "lsq-attn", "scale")
 REPAIR_INPUTS: tuple[str, ...] = ("pruned", "dense")
 IMPORTANCE = ("taylor", "taylor2", "wanda")  # what a unit's weights are scored by on calibration text
-RANKINGS = (*IMPORTANCE, "obs")  # how a narrowed layer orders its units (obs: by what its refit loses)
+# How a narrowed layer orders its units (obs: by what its refit loses; auto: obs where there is a
+# refit, else taylor2).
+RANKINGS = (*IMPORTANCE, "obs", "auto")
 FITNESS_KINDS = ("ppl", "kl")
 # Evaluator settings added after runs and chromosome files were saved without them, with the
 # value that reproduces what those did: widths cut before refits existed were not refitted.
-ADDED_SINCE: dict[str, object] = {"refit": False}
+ADDED_SINCE: dict[str, object] = {"refit": False, "ranking": "taylor2"}
 
 
 def saved_evaluator(settings: dict) -> dict:
@@ -61,7 +63,7 @@ class EvaluatorConfig(Settings):
     repair_tokens: int = field(default=32768, metadata={"help": "calibration tokens (disjoint from the scoring ones) for the seam repair statistics"})
     repair_inputs: str = field(default="dense", metadata={"help": "what each seam's map is fitted on: dense (the dense model's activations, so a fit is shared by every chromosome with that seam; cost: experiments/results/repair_cost) or pruned (the cut model's own, earlier seams repaired: better on deep cuts, one forward over the repair tokens per new chromosome)"})
     repair_ridge: float = field(default=1e-3, metadata={"help": "seam repair ridge, relative to the mean diagonal of X^T X (shrinks the map towards the identity)"})
-    ranking: str = field(default="taylor2", metadata={"help": "how a narrowed layer chooses the units it keeps: taylor (|w * grad|), taylor2 (diagonal Fisher, w^2 * grad^2 / 2) or wanda (|w| * input norm), each summed over a unit's weights on calibration text; or obs: each layer's units ordered by what removing them costs its refitted output (structured OBS on the refit's Gram matrix; needs the refit), the one-shot plan's widths still set by taylor2; every width keeps a prefix of one ranking per layer"})
+    ranking: str = field(default="auto", metadata={"help": "how a narrowed layer chooses the units it keeps: taylor (|w * grad|), taylor2 (diagonal Fisher, w^2 * grad^2 / 2) or wanda (|w| * input norm), each summed over a unit's weights on calibration text; obs: each layer's units ordered by what removing them costs its refitted output (structured OBS on the refit's Gram matrix; needs the refit), the one-shot plan's widths still set by taylor2; or auto: obs with the refit, taylor2 without. Every width keeps a prefix of one ranking per layer"})
     ranking_tokens: int = field(default=8192, metadata={"help": "calibration tokens the ranking's importance is measured on (once per run, kept in the run folder)"})
     refit: bool = field(default=True, metadata={"help": "with a repair: refit a narrowed sub-layer's output projection (o_proj, down_proj) to the dense one's output by least squares"})
     fitness: str = field(default="ppl", metadata={"help": "what the search minimises: ppl (perplexity) or kl (KL divergence from the dense model's next-token distribution)"})
@@ -99,9 +101,32 @@ class EvaluatorConfig(Settings):
             raise ValueError(f"merge_rule must be one of {', '.join(MERGE_RULES)}, got {self.merge_rule!r}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
-        if self.ranking == "obs" and (self.repair == "none" or not self.refit):
+        if self.ranking == "obs" and not self.refitted:
             raise ValueError("ranking obs orders units by what the refit of a narrowed layer loses: it needs a "
                              "repair and the refit (not --repair none or --no-refit)")
+
+    @property
+    def refitted(self) -> bool:
+        """Whether a narrowed sub-layer's output projection is refitted (what obs orders units by)."""
+        return self.repair != "none" and self.refit
+
+    @property
+    def unit_ranking(self) -> str:
+        """The ranking narrowed layers keep a prefix of, `auto` resolved."""
+        if self.ranking == "auto":
+            return "obs" if self.refitted else "taylor2"
+        return self.ranking
+
+    def with_repair(self, repair: str) -> EvaluatorConfig:
+        """These settings under another repair; a ranking by the refit (obs) falls back to auto
+        where that repair has none (a run's units were chosen already; its export or a raw
+        baseline only needs a ranking that exists without the refit)."""
+        return replace(self, repair=repair, ranking="auto" if repair == "none" and self.ranking == "obs" else self.ranking)
+
+    @property
+    def importance(self) -> str:
+        """What units are scored by; the one-shot plan's widths per layer follow it (obs keeps taylor2's)."""
+        return "taylor2" if self.unit_ranking == "obs" else self.unit_ranking
 
     @property
     def score_blocks(self) -> int:

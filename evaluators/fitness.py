@@ -137,7 +137,7 @@ class ModelEvaluator:
             "total_parameters": sum(p.numel() for p in self.model.parameters()),
         }
         if not self.family.experts:  # what a width genome means and costs (added since: see WIDTH_KEYS)
-            description["widths"] = {"ranking": c.ranking, "ranking_tokens": c.ranking_tokens, "refit": c.refit,
+            description["widths"] = {"ranking": c.unit_ranking, "ranking_tokens": c.ranking_tokens, "refit": c.refit,
                                      "shape": self.builder.shape().to_dict()}
         return description
 

@@ -22,7 +22,9 @@ Each finished (budget, method, seed) is kept under --work, so an interrupted ben
 continues where it stopped, and the results hold exactly the runs made: a method not run is
 absent. `--reuse STEM` takes the runs of an earlier results file (rows as this code wrote them,
 or as its earlier version did: budgets in layers) into --work first, so that new methods join
-them without running them again; refused unless their fitness was measured the same way.
+them without running them again; refused unless their fitness was measured the same way, and
+a run left out where its method took something from a ranking other than this benchmark's (the
+units a width keeps, or the widths of its one-shot seed).
 Results: experiments/results/<output>.{json,csv,md,png}.
 """
 from __future__ import annotations
@@ -321,18 +323,39 @@ def run_method(bench: Bench, method: str, heldout: HeldOut, work: Path) -> dict[
     return result
 
 
+# What a method's result takes from the ranking: "order" where it narrows layers (which units a
+# width keeps), "allocation" where the one-shot plan's widths per layer seed it; others nothing.
+RANKING_USE = {**dict.fromkeys(("width-oneshot-raw", "width-oneshot", "depth-then-width", "ga-joint", "ga-joint-4of16-t3",
+                                "ga-joint-2of16-t3", "evopress-joint"), "order"), "ga-sublayers": "allocation"}
+
+
+def row_config(base: EvaluatorConfig, repair: str, fitness: str | None = None) -> EvaluatorConfig:
+    """The evaluator settings of the rows scored with this repair (a raw row of a benchmark
+    ranked by obs cuts by what auto chooses there)."""
+    return replace(base.with_repair(repair), fitness=fitness or base.fitness)
+
+
+def ranking_taken(method: str, config: EvaluatorConfig) -> str | None:
+    use = RANKING_USE.get(method)
+    return None if use is None else config.unit_ranking if use == "order" else config.importance
+
+
 def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:
     """Write the per-run files of an earlier results file into `work` (runs already there win);
-    refused unless its fitness was measured as this benchmark's is. Rows of the earlier version
+    refused unless its fitness was measured as this benchmark's is, and a row left out where its
+    method took from a ranking that differs from this benchmark's. Rows of the earlier version
     counted budgets in layers (`removed`): their share is that many of the 30."""
     earlier = json.loads((RESULTS / f"{stem}.json").read_text())
-    theirs = EvaluatorConfig.from_dict(saved_evaluator(earlier["evaluator"])).to_dict()
+    theirs = EvaluatorConfig.from_dict(saved_evaluator(earlier["evaluator"]))
     changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE | {"ranking", "ranking_tokens", "refit"}
-                     and theirs[k] != v)
+                     and theirs.to_dict()[k] != v)
     if changed:
         raise SystemExit(f"--reuse {stem}: its fitness was measured with other settings ({', '.join(changed)})")
     added = 0
     for row in earlier["rows"]:
+        repair = row.get("repair", config.repair)
+        if ranking_taken(row["method"], row_config(theirs, repair)) != ranking_taken(row["method"], row_config(config, repair)):
+            continue
         share = row.get("share", row["removed"] / LAYERS)
         path = work / f"p{share:.4f}-{row['method']}" / ("one-shot.json" if row["seed"] is None else f"s{row['seed']}.json")
         if not path.is_file():
@@ -433,9 +456,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             """One evaluator per (fitness, repair), all on the one model in memory."""
             if (fitness, repair) not in cache:
                 loaded = next(iter(cache.values())).inner if cache else None
-                unrefitted = repair == "none" and base.ranking == "obs"  # obs orders by a refit there is not
-                config = replace(base, fitness=fitness, repair=repair, ranking="taylor2" if unrefitted else base.ranking)
-                cache[(fitness, repair)] = Remembering(ModelEvaluator(config, loaded and (loaded.model, loaded.tokenizer)))
+                cache[(fitness, repair)] = Remembering(ModelEvaluator(row_config(base, repair, fitness),
+                                                                      loaded and (loaded.model, loaded.tokenizer)))
             return cache[(fitness, repair)]
 
         heldout = HeldOut(evaluators, args, work)

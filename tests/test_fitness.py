@@ -6,7 +6,7 @@ import torch
 
 from chromosomes import ChromosomeError
 from evaluators.calibration import norm_parameters
-from evaluators.config import EvaluatorConfig
+from evaluators.config import EvaluatorConfig, saved_evaluator
 from evaluators.families import family_of
 from evaluators.fitness import DeviceMemoryError, ModelEvaluator
 from tests.tiny import FAMILIES, MERGEABLE, REPAIRABLE
@@ -98,13 +98,38 @@ def test_description_records_how_fitness_was_measured(evaluator):
     ("merge_rule", "max", "merge_rule must be one of"),
     ("calib_lr", -1.0, "calib_lr must be a positive number"),
     ("batch_size", 0, "batch_size must be a positive integer"),
-    ("ranking", "magnitude", "ranking must be one of taylor, taylor2, wanda, obs"),
+    ("ranking", "magnitude", "ranking must be one of taylor, taylor2, wanda, obs, auto"),
     ("repair", "none", "ranking obs orders units by what the refit .* loses: it needs a repair"),
     ("refit", False, "ranking obs .* needs a repair and the refit"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         EvaluatorConfig(**{field: value, **({"ranking": "obs"} if field in ("repair", "refit") else {})})
+
+
+@pytest.mark.parametrize("settings, ranking, importance", [
+    ({}, "obs", "taylor2"),
+    ({"repair": "none"}, "taylor2", "taylor2"),
+    ({"refit": False}, "taylor2", "taylor2"),
+    ({"ranking": "wanda"}, "wanda", "wanda"),
+    ({"ranking": "obs", "repair": "scale"}, "obs", "taylor2"),
+])
+def test_the_default_ranking_is_obs_where_narrowed_layers_are_refitted_and_taylor2_elsewhere(settings, ranking,
+                                                                                           importance):
+    config = EvaluatorConfig(**settings)
+    assert (config.unit_ranking, config.importance) == (ranking, importance)
+    assert config.to_dict()["ranking"] == settings.get("ranking", "auto")  # saved as chosen: auto stays a rule
+
+
+def test_a_run_ranked_by_obs_can_be_exported_without_a_repair():
+    obs = EvaluatorConfig(ranking="obs")
+    assert obs.with_repair("none").unit_ranking == "taylor2" and obs.with_repair("scale").unit_ranking == "obs"
+    assert EvaluatorConfig(ranking="wanda").with_repair("none").ranking == "wanda"
+
+
+def test_settings_saved_before_the_ranking_existed_read_back_as_taylor2():
+    saved = {k: v for k, v in EvaluatorConfig().to_dict().items() if k not in ("ranking", "refit")}
+    assert EvaluatorConfig.from_dict(saved_evaluator(saved)).unit_ranking == "taylor2"
 
 
 def test_config_round_trips_and_rejects_unknown_keys():

@@ -18,6 +18,7 @@ from evaluators.families import family_of
 from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import install_layers, layer_view
 from evaluators.units import NoAttention, full_geometry, layer_shape, narrowed, unit_importance
+from experiments.search_quality import ranking_taken, row_config
 from ga.checkpoint import RunFolder
 from tests.tiny import FAMILIES, WIDTHS
 
@@ -254,7 +255,7 @@ def test_the_ranking_is_computed_once_per_run_folder_and_read_back(llama_dir, te
 
 def test_the_obs_ranking_orders_each_layer_as_its_refit_loses_least_with_taylor2s_allocation(llama_dir, text_file,
                                                                                              tmp_path):
-    taylor2 = evaluator(llama_dir, text_file).units()
+    taylor2 = evaluator(llama_dir, text_file, ranking="taylor2").units()
     obs = evaluator(llama_dir, text_file, ranking="obs", align_cache=str(tmp_path))
     units = obs.units()
     repairer, geometry = obs.builder.repairer, full_geometry(obs.model)[0]
@@ -266,9 +267,25 @@ def test_the_obs_ranking_orders_each_layer_as_its_refit_loses_least_with_taylor2
     budget = int(0.3 * sum(u.cost for u in units))
     assert counts_left(units, select_global(units, budget), 6) == counts_left(taylor2, select_global(taylor2, budget), 6)
     assert Ranking.of(taylor2, 6) != ranking  # the order, not the allocation, is what changed
+    assert evaluator(llama_dir, text_file, align_cache=str(tmp_path)).units() == units  # auto: obs, its store file
     again = evaluator(llama_dir, text_file, ranking="obs", align_cache=str(tmp_path), repair_tokens=128)
     assert len(list(tmp_path.glob("units-*.json"))) == 1 and again.units() != units  # the refit's statistics count
     assert len(list(tmp_path.glob("units-*.json"))) == 2
+
+
+@pytest.mark.parametrize("method, theirs, ours, reused", [
+    ("ga-joint", {}, {"ranking": "taylor2"}, False),
+    ("ga-joint", {"ranking": "obs"}, {}, True),
+    ("evopress-joint", {"ranking": "taylor2"}, {"ranking": "wanda"}, False),
+    ("width-oneshot-raw", {"ranking": "taylor2"}, {"ranking": "obs"}, True),  # no refit: cut by taylor2 either way
+    ("ga-sublayers", {"ranking": "taylor2"}, {"ranking": "obs"}, True),  # seeded by the widths, which obs keeps
+    ("ga-sublayers", {"ranking": "taylor2"}, {"ranking": "wanda"}, False),
+    ("ga-importance", {"ranking": "taylor"}, {"ranking": "obs"}, True),
+])
+def test_the_benchmark_reuses_a_run_only_where_the_ranking_it_took_is_the_same(method, theirs, ours, reused):
+    repair = "none" if method == "width-oneshot-raw" else "lsq"
+    taken = [ranking_taken(method, row_config(EvaluatorConfig(**settings), repair)) for settings in (theirs, ours)]
+    assert (taken[0] == taken[1]) == reused
 
 
 # -- the search's one-shot plan, exported and healed -----------------------------------------------------
