@@ -335,9 +335,14 @@ def row_config(base: EvaluatorConfig, repair: str, fitness: str | None = None) -
     return replace(base.with_repair(repair), fitness=fitness or base.fitness)
 
 
-def ranking_taken(method: str, config: EvaluatorConfig) -> str | None:
+def ranking_taken(method: str, config: EvaluatorConfig) -> tuple[object, ...] | None:
+    """What of the ranking (and of the refit it orders by) `method`'s result depends on under `config`."""
     use = RANKING_USE.get(method)
-    return None if use is None else config.unit_ranking if use == "order" else config.importance
+    if use is None:
+        return None
+    if use == "allocation":
+        return config.importance, config.ranking_tokens
+    return config.unit_ranking, config.ranking_tokens, config.refitted
 
 
 def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:

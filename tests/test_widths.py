@@ -281,6 +281,8 @@ def test_the_obs_ranking_orders_each_layer_as_its_refit_loses_least_with_taylor2
     ("ga-sublayers", {"ranking": "taylor2"}, {"ranking": "obs"}, True),  # seeded by the widths, which obs keeps
     ("ga-sublayers", {"ranking": "taylor2"}, {"ranking": "wanda"}, False),
     ("ga-importance", {"ranking": "taylor"}, {"ranking": "obs"}, True),
+    ("width-oneshot", {"ranking": "taylor2"}, {"ranking": "taylor2", "refit": False}, False),
+    ("ga-sublayers", {"ranking_tokens": 8192}, {"ranking_tokens": 4096}, False),
 ])
 def test_the_benchmark_reuses_a_run_only_where_the_ranking_it_took_is_the_same(method, theirs, ours, reused):
     repair = "none" if method == "width-oneshot-raw" else "lsq"
