@@ -352,8 +352,9 @@ def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:
     counted budgets in layers (`removed`): their share is that many of the 30."""
     earlier = json.loads((RESULTS / f"{stem}.json").read_text())
     theirs = EvaluatorConfig.from_dict(saved_evaluator(earlier["evaluator"]))
+    their_settings = theirs.to_dict()
     changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE | {"ranking", "ranking_tokens", "refit"}
-                     and theirs.to_dict()[k] != v)
+                     and their_settings[k] != v)
     if changed:
         raise SystemExit(f"--reuse {stem}: its fitness was measured with other settings ({', '.join(changed)})")
     added = 0
