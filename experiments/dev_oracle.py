@@ -23,12 +23,13 @@ import argparse
 import json
 import re
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from evaluators.config import DEV_TEXTS, EvaluatorConfig
+from evaluators.config import DEV_TEXTS, EvaluatorConfig, saved_evaluator
 from experiments.fidelity import spearman
-from experiments.report import save_results
+from experiments.report import RESULTS, save_results
 from ga.checkpoint import RunFolder
 from gaprune.files import write_json_atomic
 
@@ -112,12 +113,26 @@ def fresh_summary(candidates: list[dict[str, Any]], top: int) -> dict[str, Any]:
     return summary
 
 
+def benchmark_config(stem: str, work: Path, args: argparse.Namespace) -> EvaluatorConfig:
+    """The benchmark's own evaluator settings (ranking, repair, refit: how its genomes are cut and
+    repaired), scored by perplexity, or by KL where fresh windows are asked for."""
+    path = RESULTS / f"{stem}.json"
+    if not path.is_file():
+        raise SystemExit(f"--benchmark {stem}: no {path}; run experiments.search_quality --output {stem} first")
+    saved = EvaluatorConfig.from_dict(saved_evaluator(json.loads(path.read_text())["evaluator"]))
+    return replace(saved, data_dir=args.data_dir, threads=args.threads, align_cache=str(work / "store"),
+                   fitness="kl" if args.fresh_windows else "ppl")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.dev_oracle", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--share", type=float, default=0.26667, help="the budget, as search_quality names it")
     parser.add_argument("--top", type=int, default=5, help="genomes taken from each GA run")
-    parser.add_argument("--work", default="runs/search_quality-joint", help="search_quality's --work")
+    parser.add_argument("--benchmark", default="search_quality-obs", metavar="STEM",
+                        help="the search_quality results (experiments/results/STEM.json) whose runs are scored, "
+                             "with its evaluator settings")
+    parser.add_argument("--work", default=None, help="that benchmark's --work (default: runs/STEM)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0)
@@ -131,11 +146,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from evaluators.text import text_blocks
     from chromosomes import from_string
 
-    work = Path(args.work)
-    candidates = [c for c in picks(work, args.share) if c["repair"] == "lsq"] + ga_candidates(work, args.share, args.top)
+    work = Path(args.work or f"runs/{args.benchmark}")
+    config = benchmark_config(args.benchmark, work, args)
+    candidates = [c for c in picks(work, args.share) if c["repair"] == config.repair] + ga_candidates(work, args.share, args.top)
     candidates = [c for c in candidates if re.search(args.match, c["source"])]
-    config = EvaluatorConfig(data_dir=args.data_dir, threads=args.threads, align_cache=str(work / "store"),
-                             fitness="kl" if args.fresh_windows else "ppl")
     evaluator = ModelEvaluator(config)
     dev = {name: text_blocks(name, evaluator.tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}
     known = {c["chromosome"]: {name: c[name] for name in DEV_TEXTS} for c in candidates if DEV_TEXTS[0] in c}

@@ -18,9 +18,11 @@ Setup statistics (repair, alignment, the units' ranking) are not counted for any
 
     python -m experiments.search_quality --data-dir ../shared/data --threads 2 --budgets 0.26667,0.4
 
-Each finished (budget, method, seed) is kept under --work, so an interrupted benchmark
+Each finished (budget, method, seed) is kept under --work (default runs/<output>, and the
+output is named after the ranking: search_quality-obs by default), so an interrupted benchmark
 continues where it stopped, and the results hold exactly the runs made: a method not run is
-absent. `--reuse STEM` takes the runs of an earlier results file (rows as this code wrote them,
+absent. The folder keeps the evaluator settings it was started with and refuses a start with
+others. `--reuse STEM` takes the runs of an earlier results file (rows as this code wrote them,
 or as its earlier version did: budgets in layers) into --work first, so that new methods join
 them without running them again; refused unless their fitness was measured the same way, and
 a run left out where its method took something from a ranking other than this benchmark's (the
@@ -345,6 +347,30 @@ def ranking_taken(method: str, config: EvaluatorConfig) -> tuple[object, ...] | 
     return config.unit_ranking, config.ranking_tokens, config.refitted
 
 
+def changed_settings(theirs: EvaluatorConfig, ours: EvaluatorConfig, also: frozenset[str] = frozenset()) -> list[str]:
+    """The settings, other than those a run may resume with changed and `also`, on which two
+    benchmarks' fitness differs."""
+    their_settings = theirs.to_dict()
+    return sorted(k for k, v in ours.to_dict().items() if k not in RESUMABLE | also and their_settings[k] != v)
+
+
+def claim_work(work: Path, config: EvaluatorConfig) -> None:
+    """A work folder holds one benchmark: its evaluator settings are kept there at the first start
+    and a later start with others (a changed default among them) is refused, since its finished
+    runs would otherwise join rows measured another way."""
+    path = work / "evaluator.json"
+    if not path.is_file():
+        write_json_atomic(path, config.to_dict())
+        return
+    theirs = EvaluatorConfig.from_dict(saved_evaluator(json.loads(path.read_text())))
+    changed = changed_settings(theirs, config, frozenset({"ranking"}))
+    if theirs.unit_ranking != config.unit_ranking:
+        changed.insert(0, f"ranking {theirs.unit_ranking} there, {config.unit_ranking} here")
+    if changed:
+        raise SystemExit(f"{work} holds a benchmark measured with other settings ({', '.join(changed)}): "
+                         "give the same ones or another --work")
+
+
 def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:
     """Write the per-run files of an earlier results file into `work` (runs already there win);
     refused unless its fitness was measured as this benchmark's is, and a row left out where its
@@ -352,9 +378,7 @@ def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:
     counted budgets in layers (`removed`): their share is that many of the 30."""
     earlier = json.loads((RESULTS / f"{stem}.json").read_text())
     theirs = EvaluatorConfig.from_dict(saved_evaluator(earlier["evaluator"]))
-    their_settings = theirs.to_dict()
-    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE | {"ranking", "ranking_tokens", "refit"}
-                     and their_settings[k] != v)
+    changed = changed_settings(theirs, config, frozenset({"ranking", "ranking_tokens", "refit"}))
     if changed:
         raise SystemExit(f"--reuse {stem}: its fitness was measured with other settings ({', '.join(changed)})")
     added = 0
@@ -438,8 +462,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="tokens of each test text")
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--work", default="runs/search_quality-joint", help="per-run results and GA run folders")
-    parser.add_argument("--output", default="search_quality-joint", help="stem of the files under experiments/results")
+    parser.add_argument("--work", default=None,
+                        help="per-run results and GA run folders, one benchmark's settings (default: runs/<output>)")
+    parser.add_argument("--output", default=None, help="stem of the files under experiments/results "
+                        "(default: search_quality-<the ranking used>, e.g. search_quality-obs)")
     parser.add_argument("--speed-again", action="store_true",
                         help="measure every run's speed again (its figures are kept): after runs made while the machine was busy")
     parser.add_argument("--collect", action="store_true", help="only gather the finished runs under --work into the results")
@@ -450,8 +476,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     base = EvaluatorConfig(model=args.model, data_dir=args.data_dir, threads=args.threads, repair=args.repair,
                            repair_inputs=args.repair_inputs, repair_tokens=args.repair_tokens, fitness=args.fitness,
-                           ranking=args.ranking, align_cache=str(Path(args.work) / "store"))
+                           ranking=args.ranking)
+    args.output = args.output or f"search_quality-{base.unit_ranking}"
+    args.work = args.work or f"runs/{args.output}"
     work = Path(args.work)
+    base = replace(base, align_cache=str(work / "store"))
+    claim_work(work, base)
     if args.reuse:
         print(f"took {reuse_runs(args.reuse, work, replace(base, fitness=args.depth_fitness))} runs from {args.reuse}",
               flush=True)

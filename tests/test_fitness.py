@@ -1,4 +1,5 @@
 """The fitness interface: numbers that respond to the chromosome, and nothing that leaks between calls."""
+import json
 import math
 
 import pytest
@@ -193,6 +194,21 @@ def test_the_gpu_benchmark_runs_end_to_end_on_a_tiny_shape(tmp_path):
     greedy_fit = rows["alignment, greedy (device)"]["mean correlation"]
     assert 0.9 * rows["alignment, hungarian (CPU)"]["mean correlation"] <= greedy_fit
     assert (tmp_path / "gpu_bench-smoke.md").read_text().startswith("| part |")
+
+
+@pytest.mark.parametrize("saved, ranking", [({}, "taylor2"), ({"ranking": "obs"}, "obs"), ({"ranking": "auto"}, "obs")])
+def test_the_dev_oracle_repairs_as_the_benchmark_it_reads_did(tmp_path, monkeypatch, saved, ranking):
+    """Its genomes are cut and repaired with the benchmark's saved settings, whatever today's
+    defaults are (settings saved before the ranking was one read back as taylor2)."""
+    import argparse
+    import experiments.dev_oracle as oracle
+    monkeypatch.setattr(oracle, "RESULTS", tmp_path)
+    (tmp_path / "bench.json").write_text(json.dumps({"evaluator": {"repair": "lsq", "refit": True, "fitness": "kl", **saved}}))
+    args = argparse.Namespace(data_dir="data", threads=2, fresh_windows=0)
+    config = oracle.benchmark_config("bench", tmp_path / "work", args)
+    assert (config.unit_ranking, config.fitness, config.align_cache) == (ranking, "ppl", str(tmp_path / "work" / "store"))
+    with pytest.raises(SystemExit, match="--benchmark other: no .*other.json"):
+        oracle.benchmark_config("other", tmp_path / "work", args)
 
 
 def test_the_dev_oracle_re_ranks_each_runs_best_genomes_by_each_fitness():

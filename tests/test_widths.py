@@ -18,7 +18,7 @@ from evaluators.families import family_of
 from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import install_layers, layer_view
 from evaluators.units import NoAttention, full_geometry, layer_shape, narrowed, unit_importance
-from experiments.search_quality import ranking_taken, row_config
+from experiments.search_quality import claim_work, ranking_taken, row_config
 from ga.checkpoint import RunFolder
 from tests.tiny import FAMILIES, WIDTHS
 
@@ -288,6 +288,26 @@ def test_the_benchmark_reuses_a_run_only_where_the_ranking_it_took_is_the_same(m
     repair = "none" if method == "width-oneshot-raw" else "lsq"
     taken = [ranking_taken(method, row_config(EvaluatorConfig(**settings), repair)) for settings in (theirs, ours)]
     assert (taken[0] == taken[1]) == reused
+
+
+@pytest.mark.parametrize("first, then, refused", [
+    ({}, {}, None),
+    ({"ranking": "obs"}, {}, None),  # auto resolves to obs where narrowed layers are refitted
+    ({}, {"threads": 2, "data_dir": "elsewhere"}, None),  # a run resumes with these changed
+    ({"ranking": "taylor2"}, {}, "ranking taylor2 there, obs here"),
+    ({}, {"repair": "none"}, "ranking obs there, taylor2 here, repair"),
+    ({"fitness": "ppl"}, {"fitness": "kl"}, "fitness"),
+    ({}, {"ranking_tokens": 4096}, "ranking_tokens"),
+])
+def test_a_benchmark_work_folder_refuses_a_start_measured_another_way(tmp_path, first, then, refused):
+    claim_work(tmp_path, EvaluatorConfig(**first))
+    saved = (tmp_path / "evaluator.json").read_text()
+    if refused is None:
+        claim_work(tmp_path, EvaluatorConfig(**then))
+    else:
+        with pytest.raises(SystemExit, match=re.escape(refused)):
+            claim_work(tmp_path, EvaluatorConfig(**then))
+    assert (tmp_path / "evaluator.json").read_text() == saved  # the first start's settings stay
 
 
 # -- the search's one-shot plan, exported and healed -----------------------------------------------------
