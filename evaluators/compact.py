@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chromosomes import ChromosomeError, ChromosomeRecord, Gene
 from evaluators.build import Builder, calibration_split
-from evaluators.config import EvaluatorConfig, saved_evaluator
+from evaluators.config import EvaluatorConfig
 from evaluators.models import load_model, model_folder
 
 
@@ -54,7 +54,7 @@ def surgery_settings(record: ChromosomeRecord, spec: str, config: Placement) -> 
     saved = record.extra.get("evaluator")
     if saved is not None and not isinstance(saved, dict):
         raise ChromosomeError("the chromosome file's extra.evaluator must be an object of evaluator settings")
-    searched = EvaluatorConfig.from_dict(saved_evaluator(saved)) if saved else EvaluatorConfig(model=record.model)
+    searched = EvaluatorConfig.from_saved(saved) if saved else EvaluatorConfig(model=record.model)
     store = searched.align_cache if searched.align_cache and Path(searched.align_cache).is_dir() else None
     return replace(searched.with_repair(config.repair or searched.repair), model=spec, dtype=config.dtype,
                    device=config.device, threads=0, data_dir=config.data_dir, align_cache=store)

@@ -117,6 +117,11 @@ class EvaluatorConfig(Settings):
             return "obs" if self.refitted else "taylor2"
         return self.ranking
 
+    @classmethod
+    def from_saved(cls, settings: dict) -> EvaluatorConfig:
+        """The settings a run, benchmark or chromosome file saved, as they ran (`saved_evaluator`)."""
+        return cls.from_dict(saved_evaluator(settings))
+
     def with_repair(self, repair: str) -> EvaluatorConfig:
         """These settings under another repair; a ranking by the refit (obs) falls back to auto
         where that repair has none (a run's units were chosen already; its export or a raw

@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from evaluators.config import DEV_TEXTS, EvaluatorConfig, saved_evaluator
+from evaluators.config import DEV_TEXTS, EvaluatorConfig
 from experiments.fidelity import spearman
 from experiments.report import RESULTS, save_results
 from ga.checkpoint import RunFolder
@@ -119,7 +119,7 @@ def benchmark_config(stem: str, work: Path, args: argparse.Namespace) -> Evaluat
     path = RESULTS / f"{stem}.json"
     if not path.is_file():
         raise SystemExit(f"--benchmark {stem}: no {path}; run experiments.search_quality --output {stem} first")
-    saved = EvaluatorConfig.from_dict(saved_evaluator(json.loads(path.read_text())["evaluator"]))
+    saved = EvaluatorConfig.from_saved(json.loads(path.read_text())["evaluator"])
     return replace(saved, data_dir=args.data_dir, threads=args.threads, align_cache=str(work / "store"),
                    fitness="kl" if args.fresh_windows else "ppl")
 

@@ -51,14 +51,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from chromosomes import from_string
-    from evaluators.config import EvaluatorConfig, saved_evaluator
+    from evaluators.config import EvaluatorConfig
     from evaluators.fitness import ModelEvaluator
     from evaluators.text import text_blocks
 
     run = Path(args.run)
     generations = read_generations(run)
     bests = [g["best"] for g in generations]
-    saved = EvaluatorConfig.from_dict(saved_evaluator(json.loads((run / "config.json").read_text())["evaluator"]))
+    saved = EvaluatorConfig.from_saved(json.loads((run / "config.json").read_text())["evaluator"])
     evaluator = ModelEvaluator(replace(saved, data_dir=args.data_dir or saved.data_dir, threads=args.threads))
     dev = {name: text_blocks(name, evaluator.tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}
     measured: dict[str, dict[str, float]] = {}

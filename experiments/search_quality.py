@@ -44,8 +44,7 @@ import torch
 
 from chromosomes import Shape, Space, from_string, to_string
 from chromosomes.width import counts_left, select_global
-from evaluators.config import (DEV_TEXTS, EvaluatorConfig, FITNESS_KINDS, RANKINGS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS,
-                               saved_evaluator)
+from evaluators.config import (DEV_TEXTS, EvaluatorConfig, FITNESS_KINDS, RANKINGS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS)
 from evaluators.fitness import Fitness, ModelEvaluator
 from evaluators.perplexity import final_hidden
 from evaluators.surgery import layer_view
@@ -362,7 +361,7 @@ def claim_work(work: Path, config: EvaluatorConfig) -> None:
     if not path.is_file():
         write_json_atomic(path, config.to_dict())
         return
-    theirs = EvaluatorConfig.from_dict(saved_evaluator(json.loads(path.read_text())))
+    theirs = EvaluatorConfig.from_saved(json.loads(path.read_text()))
     changed = changed_settings(theirs, config, frozenset({"ranking"}))
     if theirs.unit_ranking != config.unit_ranking:
         changed.insert(0, f"ranking {theirs.unit_ranking} there, {config.unit_ranking} here")
@@ -377,7 +376,7 @@ def reuse_runs(stem: str, work: Path, config: EvaluatorConfig) -> int:
     method took from a ranking that differs from this benchmark's. Rows of the earlier version
     counted budgets in layers (`removed`): their share is that many of the 30."""
     earlier = json.loads((RESULTS / f"{stem}.json").read_text())
-    theirs = EvaluatorConfig.from_dict(saved_evaluator(earlier["evaluator"]))
+    theirs = EvaluatorConfig.from_saved(earlier["evaluator"])
     changed = changed_settings(theirs, config, frozenset({"ranking", "ranking_tokens", "refit"}))
     if changed:
         raise SystemExit(f"--reuse {stem}: its fitness was measured with other settings ({', '.join(changed)})")

@@ -7,7 +7,7 @@ import torch
 
 from chromosomes import ChromosomeError
 from evaluators.calibration import norm_parameters
-from evaluators.config import EvaluatorConfig, saved_evaluator
+from evaluators.config import EvaluatorConfig
 from evaluators.families import family_of
 from evaluators.fitness import DeviceMemoryError, ModelEvaluator
 from tests.tiny import FAMILIES, MERGEABLE, REPAIRABLE
@@ -130,7 +130,7 @@ def test_a_run_ranked_by_obs_can_be_exported_without_a_repair():
 
 def test_settings_saved_before_the_ranking_existed_read_back_as_taylor2():
     saved = {k: v for k, v in EvaluatorConfig().to_dict().items() if k not in ("ranking", "refit")}
-    assert EvaluatorConfig.from_dict(saved_evaluator(saved)).unit_ranking == "taylor2"
+    assert EvaluatorConfig.from_saved(saved).unit_ranking == "taylor2"
 
 
 def test_config_round_trips_and_rejects_unknown_keys():
