@@ -123,7 +123,15 @@ class Bench:
         return skip_lowest([f.value for f in singles], removed), len(singles)
 
 
-Method = Callable[[Bench], dict[str, Any]]
+@dataclass(frozen=True)
+class Method:
+    """A row's way of choosing a genome, and what its result takes from the units' ranking:
+    "order" where it narrows layers (which units a width keeps), "allocation" where only the
+    one-shot plan's widths per layer seed it, None where nothing (so --reuse knows which rows of
+    a benchmark ranked otherwise it may bring in)."""
+
+    choose: Callable[[Bench], dict[str, Any]]
+    takes: str | None = None
 
 
 def ga_method(space: str, init: str | None = None, fitness: str | None = None, **settings: Any) -> Method:
@@ -143,7 +151,7 @@ def ga_method(space: str, init: str | None = None, fitness: str | None = None, *
         genes, fitness_ = state.best()
         return {"genes": genes, "fitness": fitness_.value, "evaluations": evaluations_spent(
                 state, config, evaluator.describe()), "generations": state.generation, "search": config.to_dict()}
-    return search
+    return Method(search, "order" if space == "joint" else "allocation" if init == "width" else None)
 
 
 def influence_method(bench: Bench) -> dict[str, Any]:
@@ -176,7 +184,7 @@ def evopress_method(start: str) -> Method:
                                 full_tokens=evaluator.config.score_tokens, offspring=a.evopress_offspring,
                                 survivors=a.evopress_survivors, screen_tokens=evaluator.config.seq_len, start=parent)
         return {"genes": found.genes, "fitness": found.fitness.value, "evaluations": found.evaluations + cost}
-    return search
+    return Method(search)
 
 
 def evopress_joint(bench: Bench) -> dict[str, Any]:
@@ -207,7 +215,7 @@ def oneshot_width(repair: str) -> Method:
         budget = bench.problem("joint").budget
         genes = width_plan(bench, evaluator.units(), shape, budget.remove)
         return {"genes": genes, "fitness": evaluator.evaluate([genes])[0].value, "evaluations": 1, "repair": repair}
-    return oneshot
+    return Method(oneshot, "order")
 
 
 def depth_then_width(bench: Bench) -> dict[str, Any]:
@@ -225,11 +233,11 @@ def depth_then_width(bench: Bench) -> dict[str, Any]:
 
 
 ONE_SHOT: dict[str, Method] = {
-    "shortgpt-bi": influence_method,
-    "removal-importance": importance_method,
+    "shortgpt-bi": Method(influence_method),
+    "removal-importance": Method(importance_method),
     "width-oneshot-raw": oneshot_width("none"),
     "width-oneshot": oneshot_width("lsq"),
-    "depth-then-width": depth_then_width,
+    "depth-then-width": Method(depth_then_width, "order"),
 }
 # The joint space's selection before its own default (2 of 16 candidates fully scored per
 # generation, tournaments of 8) was chosen: the rows measured with it keep it.
@@ -240,10 +248,10 @@ SEARCHES: dict[str, Method] = {
     "ga-joint-2of16-t3": ga_method("joint", offspring=2, screen_factor=8, tournament=3),
     "ga-sublayers": ga_method("sublayers", "width"),
     "ga-sublayers-importance": ga_method("sublayers", "sublayers"),
-    "evopress-joint": evopress_joint,
+    "evopress-joint": Method(evopress_joint, "order"),
     "ga-importance": ga_method("layers", "importance", fitness="ppl"),
     "evopress-importance": evopress_method("importance"),
-    "random-search": random_method,
+    "random-search": Method(random_method),
     "ga-random": ga_method("layers", "random", fitness="ppl"),
     "evopress-random": evopress_method("random"),
 }
@@ -308,7 +316,7 @@ def run_method(bench: Bench, method: str, heldout: HeldOut, work: Path) -> dict[
         result = json.loads(path.read_text())
     else:
         started = time.perf_counter()
-        result = METHODS[method](bench)
+        result = METHODS[method].choose(bench)
         result["search_seconds"] = time.perf_counter() - started
         result.update({"method": method, "share": bench.share, "seed": seed, "chromosome": to_string(result["genes"]),
                        "removed": round(bench.share * LAYERS, 4)})
@@ -324,12 +332,6 @@ def run_method(bench: Bench, method: str, heldout: HeldOut, work: Path) -> dict[
     return result
 
 
-# What a method's result takes from the ranking: "order" where it narrows layers (which units a
-# width keeps), "allocation" where the one-shot plan's widths per layer seed it; others nothing.
-RANKING_USE = {**dict.fromkeys(("width-oneshot-raw", "width-oneshot", "depth-then-width", "ga-joint", "ga-joint-4of16-t3",
-                                "ga-joint-2of16-t3", "evopress-joint"), "order"), "ga-sublayers": "allocation"}
-
-
 def row_config(base: EvaluatorConfig, repair: str, fitness: str | None = None) -> EvaluatorConfig:
     """The evaluator settings of the rows scored with this repair (a raw row of a benchmark
     ranked by obs cuts by what auto chooses there)."""
@@ -338,7 +340,7 @@ def row_config(base: EvaluatorConfig, repair: str, fitness: str | None = None) -
 
 def ranking_taken(method: str, config: EvaluatorConfig) -> tuple[object, ...] | None:
     """What of the ranking (and of the refit it orders by) `method`'s result depends on under `config`."""
-    use = RANKING_USE.get(method)
+    use = METHODS[method].takes if method in METHODS else None
     if use is None:
         return None
     if use == "allocation":

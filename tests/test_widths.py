@@ -18,7 +18,7 @@ from evaluators.families import family_of
 from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import install_layers, layer_view
 from evaluators.units import NoAttention, full_geometry, layer_shape, narrowed, unit_importance
-from experiments.search_quality import claim_work, ranking_taken, row_config
+from experiments.search_quality import METHODS, claim_work, ranking_taken, row_config
 from ga.checkpoint import RunFolder
 from tests.tiny import FAMILIES, WIDTHS
 
@@ -288,6 +288,16 @@ def test_the_benchmark_reuses_a_run_only_where_the_ranking_it_took_is_the_same(m
     repair = "none" if method == "width-oneshot-raw" else "lsq"
     taken = [ranking_taken(method, row_config(EvaluatorConfig(**settings), repair)) for settings in (theirs, ours)]
     assert (taken[0] == taken[1]) == reused
+
+
+@pytest.mark.parametrize("method, takes", [
+    ("ga-joint", "order"), ("ga-joint-4of16-t3", "order"), ("evopress-joint", "order"), ("width-oneshot", "order"),
+    ("width-oneshot-raw", "order"), ("depth-then-width", "order"),
+    ("ga-sublayers", "allocation"),  # seeded by the one-shot plan's widths, cuts no unit itself
+    ("ga-sublayers-importance", None), ("ga-importance", None), ("evopress-importance", None), ("shortgpt-bi", None),
+])
+def test_each_benchmark_method_says_what_it_takes_from_the_ranking(method, takes):
+    assert METHODS[method].takes == takes
 
 
 @pytest.mark.parametrize("first, then, refused", [
