@@ -225,7 +225,8 @@ def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: tor
     MLP output moves the layer output by exactly as much. A norm after the MLP (Gemma's
     post-feedforward norm) breaks that, and a map folded into down_proj would not do what was
     fitted. Doubling the MLP output must move the layer output by one scaled MLP output: checked
-    once, on a few tokens.
+    once, on a few tokens, to within the rounding of the model's dtype (in bf16 the residual sum
+    rounds away a few per cent of a small MLP output; a norm after the MLP moves it by ~100 %).
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -247,7 +248,7 @@ def check_mlp_output_is_added(model: PreTrainedModel, layer: nn.Module, ids: tor
     moved = run(2.0) - run(1.0)
     mlp = captured["mlp"].float() * output_scale(model, family)
     error = float((moved - mlp).norm() / mlp.norm().clamp_min(1e-12))
-    if not error < 1e-3:
+    if not error < max(1e-3, 16 * torch.finfo(next(model.parameters()).dtype).eps):
         raise RepairError(f"seam repair is not supported for {type(model).__name__}: its layers do not add the MLP "
                           f"output to the residual stream as it is (a norm after the MLP?; doubling it moved the "
                           f"layer output {error:.2f} away from one MLP output), so a map folded into down_proj "
