@@ -62,6 +62,8 @@ from gaprune.files import write_json_atomic
 
 LAYERS = 30
 SPEED_ROUNDS = 3
+HELDOUT_FIGURES = (*REPORT_TEXTS, *DEV_TEXTS, *(f"{text} {kind}" for text in REPORT_TEXTS for kind in ("kl", "top1")))
+SPEED_FIGURES = ("prefill speedup", "decode speedup")
 
 
 class Remembering:
@@ -270,9 +272,11 @@ class HeldOut:
         self.references = {name: final_hidden(first.model, blocks, first.batch_size) for name, blocks in self.test.items()}
         self.prompt = self.test[REPORT_TEXTS[0]][:1]
 
-    def measure(self, genes: Sequence[object], repair: str) -> dict[str, Any]:
+    def measure(self, genes: Sequence[object], repair: str, recorded: dict[str, Any]) -> dict[str, Any]:
+        """`recorded`: the run's file, whose figures stand where the cache lacks them (a run brought
+        in by --reuse keeps its held-out figures rather than paying a quarter of an hour again)."""
         path = self.work / "heldout" / f"{to_string(genes)}-{repair}.json"
-        known = json.loads(path.read_text()) if path.is_file() else {}
+        known = json.loads(path.read_text()) if path.is_file() else recorded_figures(recorded)
         if not all(name in known for name in (*self.test, *self.dev)):
             evaluator = self.evaluators(self.args.fitness, repair).inner
             for name, value in evaluator.heldout(genes, self.test, self.references).items():
@@ -283,6 +287,14 @@ class HeldOut:
             known["speed"] = speed(self.evaluators(self.args.fitness, repair).inner, genes, self.prompt)
             write_json_atomic(path, known)
         return {key: value for key, value in known.items() if key != "speed"} | known["speed"]
+
+
+def recorded_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """A run file's held-out figures in the cache's form (speed apart, as `speed` returns it)."""
+    known = {name: run[name] for name in HELDOUT_FIGURES if name in run}
+    if all(name in run for name in SPEED_FIGURES):
+        known["speed"] = {name: run[name] for name in SPEED_FIGURES}
+    return known
 
 
 def speed(evaluator: ModelEvaluator, genes: Sequence[object], prompt: torch.Tensor) -> dict[str, float]:
@@ -324,7 +336,7 @@ def run_method(bench: Bench, method: str, heldout: HeldOut, work: Path) -> dict[
     genes = from_string(result["chromosome"])
     shape = bench.problem("joint").space.shape
     result["removed share"] = shape.removed(genes) / shape.dense
-    result.update(heldout.measure(genes, result.get("repair", bench.args.repair)))
+    result.update(heldout.measure(genes, result.get("repair", bench.args.repair), result))
     write_json_atomic(path, result)
     print(f"{bench.share:.4f} {method:20s} seed {seed} {result['chromosome']} fitness {result['fitness']:.3f} "
           f"evals {result['evaluations']:.1f} " + " ".join(f"{k} {result[k]:.2f}" for k in (*REPORT_TEXTS, *DEV_TEXTS)),
@@ -506,8 +518,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = [json.loads(path.read_text()) for path in sorted(work.glob("p*-*/*.json"))]
     rows = [r for r in rows if r["method"] in METHODS]
     rows.sort(key=lambda r: (r["share"], list(METHODS).index(r["method"]), r["seed"] or 0))
-    figures = ["fitness", "removed share", *REPORT_TEXTS, *DEV_TEXTS, *(f"{t} {m}" for t in REPORT_TEXTS for m in ("kl", "top1")),
-               "prefill speedup", "decode speedup"]
+    figures = ["fitness", "removed share", *HELDOUT_FIGURES, *SPEED_FIGURES]
     summary = summarize(rows, figures)
     columns = ["share", "method", "runs", "evaluations", *[c for f in figures for c in (f, f"{f} sd")]]
     settings = {k: v for k, v in vars(args).items() if k not in ("collect", "speed_again")}

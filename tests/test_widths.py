@@ -2,6 +2,7 @@
 changing the logits, the genome prices a cut model exactly, refits and sub-layer seams repair,
 the one-shot global plan is a prefix of the ranking, and a width pick exports, reloads and heals
 as it was scored."""
+import argparse
 import json
 import random
 import re
@@ -10,16 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from chromosomes import ChromosomeError, ChromosomeRecord, to_string
+from chromosomes import ChromosomeError, ChromosomeRecord, from_string, to_string
 from chromosomes.width import LayerUnits, Ranking, Unit, counts_left, reordered, select_global
-from evaluators.config import EvaluatorConfig
+from evaluators.config import DEV_TEXTS, EvaluatorConfig, REPORT_TEXTS
 from evaluators.export import load_pruned
 from evaluators.families import family_of
 from evaluators.fitness import ModelEvaluator
 from evaluators.surgery import install_layers, layer_view
 from evaluators.units import NoAttention, full_geometry, layer_shape, narrowed, unit_importance
-from experiments.search_quality import METHODS, claim_work, ranking_taken, row_config
+from experiments.search_quality import (HELDOUT_FIGURES, METHODS, SPEED_FIGURES, HeldOut, claim_work, ranking_taken,
+                                        recorded_figures, row_config)
+from experiments.report import RESULTS
 from ga.checkpoint import RunFolder
+from gaprune.files import write_json_atomic
 from tests.tiny import FAMILIES, WIDTHS
 
 IDS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -288,6 +292,21 @@ def test_the_benchmark_reuses_a_run_only_where_the_ranking_it_took_is_the_same(m
     repair = "none" if method == "width-oneshot-raw" else "lsq"
     taken = [ranking_taken(method, row_config(EvaluatorConfig(**settings), repair)) for settings in (theirs, ours)]
     assert (taken[0] == taken[1]) == reused
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_reused_run_keeps_its_held_out_figures_and_only_speed_is_measured_again(tmp_path, cached):
+    """A run brought in by --reuse has no held-out cache under the new work folder: its own file's
+    figures stand, so neither a quarter of an hour per pick nor --speed-again re-measures them."""
+    row = json.loads((RESULTS / "search_quality-obs.json").read_text())["rows"][0]
+    if cached:
+        write_json_atomic(tmp_path / "heldout" / f"{row['chromosome']}-lsq.json", recorded_figures(row))
+    heldout = HeldOut.__new__(HeldOut)
+    heldout.work, heldout.test, heldout.dev = tmp_path, dict.fromkeys(REPORT_TEXTS), dict.fromkeys(DEV_TEXTS)
+    heldout.args = argparse.Namespace(speed_again=False, fitness="ppl")
+    heldout.evaluators = lambda *_: pytest.fail("measured again")
+    measured = heldout.measure(from_string(row["chromosome"]), "lsq", {} if cached else row)
+    assert measured == {name: row[name] for name in (*HELDOUT_FIGURES, *SPEED_FIGURES)}
 
 
 @pytest.mark.parametrize("method, takes", [
