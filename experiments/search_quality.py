@@ -44,7 +44,7 @@ import torch
 
 from chromosomes import Shape, Space, from_string, to_string
 from chromosomes.width import counts_left, select_global
-from evaluators.config import (DEV_TEXTS, EvaluatorConfig, FITNESS_KINDS, RANKINGS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS)
+from evaluators.config import (DEV_TEXTS, DEVICES_HELP, EvaluatorConfig, FITNESS_KINDS, RANKINGS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS)
 from evaluators.fitness import Fitness, ModelEvaluator
 from evaluators.perplexity import final_hidden
 from evaluators.surgery import layer_view
@@ -475,6 +475,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="tokens of each test text")
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--device", default=EvaluatorConfig.device, help=DEVICES_HELP)
+    parser.add_argument("--dtype", default=EvaluatorConfig.dtype,
+                        help="auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16, float16: float32 on a GPU "
+                        "measures what the CPU rows measure")
     parser.add_argument("--work", default=None,
                         help="per-run results and GA run folders, one benchmark's settings (default: runs/<output>)")
     parser.add_argument("--output", default=None, help="stem of the files under experiments/results "
@@ -487,7 +491,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown method(s): {', '.join(sorted(unknown))}")
 
-    base = EvaluatorConfig(model=args.model, data_dir=args.data_dir, threads=args.threads, repair=args.repair,
+    base = EvaluatorConfig(model=args.model, data_dir=args.data_dir, threads=args.threads, device=args.device,
+                           dtype=args.dtype, repair=args.repair,
                            repair_inputs=args.repair_inputs, repair_tokens=args.repair_tokens, fitness=args.fitness,
                            ranking=args.ranking)
     args.output = args.output or f"search_quality-{base.unit_ranking}"
