@@ -53,7 +53,10 @@ def window_nlls(evaluator: ModelEvaluator, genes: Sequence[int], blocks: torch.T
     return out
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """None where it is undefined (fewer than two values): results files hold no NaN."""
+    if len(a) < 2:
+        return None
     rank_a, rank_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(rank_a, rank_b)[0, 1])
 

@@ -301,7 +301,7 @@ def speed(evaluator: ModelEvaluator, genes: Sequence[object], prompt: torch.Tens
     """Prefill and decode speed of the genome's layers against the dense model's: the very modules
     an export holds, run in place; a warm-up each, then dense and cut alternated, medians."""
     stack = evaluator.stack(genes)
-    model, ids = evaluator.model, prompt[:, :PREFILL_TOKENS]
+    model, ids = evaluator.model, prompt[:, :PREFILL_TOKENS].to(evaluator.model.device)
 
     def run(name: str, phase) -> float:
         if name == "dense":
@@ -525,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows.sort(key=lambda r: (r["share"], list(METHODS).index(r["method"]), r["seed"] or 0))
     figures = ["fitness", "removed share", *HELDOUT_FIGURES, *SPEED_FIGURES]
     summary = summarize(rows, figures)
+    if not summary:
+        raise SystemExit(f"no run under {work} has its held-out figures yet: nothing to report")
     columns = ["share", "method", "runs", "evaluations", *[c for f in figures for c in (f, f"{f} sd")]]
     settings = {k: v for k, v in vars(args).items() if k not in ("collect", "speed_again")}
     save_results(args.output, {"settings": settings, "evaluator": base.to_dict(), "rows": rows, "summary": summary},

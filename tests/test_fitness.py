@@ -237,3 +237,8 @@ def test_the_dev_oracle_re_ranks_each_runs_best_genomes_by_each_fitness():
     # over the five distinct genomes (a once): rho = 1 - 6 * sum of squared rank differences / (n (n^2 - 1))
     assert summary[f"spearman {DEV_TEXTS[0]} ~ {DEV_TEXTS[1]}"] == pytest.approx(1 - 6 * 14 / 120)
     assert summary["spearman fitness ~ dev mean"] == pytest.approx(1 - 6 * 8 / 120)
+
+
+def test_a_rank_correlation_of_one_candidate_is_undefined_not_nan():
+    from experiments.fidelity import spearman
+    assert spearman([1.0], [2.0]) is None and spearman([1.0, 2.0], [3.0, 4.0]) == pytest.approx(1.0)

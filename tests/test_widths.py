@@ -478,3 +478,10 @@ def test_a_tied_export_loads_under_whichever_name_its_shared_matrix_was_saved(ke
     loaded = load_pruned(tmp_path / "cut")
     assert torch.equal(loaded.get_input_embeddings().weight, matrix)
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+def test_collecting_a_benchmark_with_no_finished_run_says_so_and_writes_nothing(tmp_path):
+    from experiments.search_quality import main
+    with pytest.raises(SystemExit, match="no run under .* has its held-out figures yet"):
+        main(["--collect", "--work", str(tmp_path / "work"), "--output", "never-written"])
+    assert not (RESULTS / "never-written.json").exists()
