@@ -120,7 +120,7 @@ def benchmark_config(stem: str, work: Path, args: argparse.Namespace) -> Evaluat
     if not path.is_file():
         raise SystemExit(f"--benchmark {stem}: no {path}; run experiments.search_quality --output {stem} first")
     saved = EvaluatorConfig.from_saved(json.loads(path.read_text())["evaluator"])
-    return replace(saved, data_dir=args.data_dir, threads=args.threads, align_cache=str(work / "store"),
+    return replace(saved, data_dir=args.data_dir, threads=args.threads, device=args.device, align_cache=str(work / "store"),
                    fitness="kl" if args.fresh_windows else "ppl")
 
 
@@ -136,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default=EvaluatorConfig.device,
+                        help="where to score (the benchmark's dtype is kept, so a GPU benchmark scores alike here)")
     parser.add_argument("--match", default="", help="keep only candidates whose source matches this regular expression")
     parser.add_argument("--fresh-windows", type=int, default=0,
                         help="also score every candidate on this many calibration windows no search read (0: off)")
