@@ -120,8 +120,8 @@ def benchmark_config(stem: str, work: Path, args: argparse.Namespace) -> Evaluat
     if not path.is_file():
         raise SystemExit(f"--benchmark {stem}: no {path}; run experiments.search_quality --output {stem} first")
     saved = EvaluatorConfig.from_saved(json.loads(path.read_text())["evaluator"])
-    return replace(saved, data_dir=args.data_dir, threads=args.threads, device=args.device, align_cache=str(work / "store"),
-                   fitness="kl" if args.fresh_windows else "ppl")
+    return replace(saved, data_dir=args.data_dir, threads=args.threads, device=args.device,
+                   align_cache=str(work / "store"), fitness="kl" if args.fresh_windows else "ppl")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
