@@ -199,14 +199,17 @@ def test_the_gpu_benchmark_runs_end_to_end_on_a_tiny_shape(tmp_path):
 @pytest.mark.parametrize("saved, ranking", [({}, "taylor2"), ({"ranking": "obs"}, "obs"), ({"ranking": "auto"}, "obs")])
 def test_the_dev_oracle_repairs_as_the_benchmark_it_reads_did(tmp_path, monkeypatch, saved, ranking):
     """Its genomes are cut and repaired with the benchmark's saved settings, whatever today's
-    defaults are (settings saved before the ranking was one read back as taylor2)."""
+    defaults are (settings saved before the ranking was one read back as taylor2), in the saved
+    dtype on the device asked for (a GPU benchmark's genomes scored on the CPU alike)."""
     import argparse
     import experiments.dev_oracle as oracle
     monkeypatch.setattr(oracle, "RESULTS", tmp_path)
-    (tmp_path / "bench.json").write_text(json.dumps({"evaluator": {"repair": "lsq", "refit": True, "fitness": "kl", **saved}}))
-    args = argparse.Namespace(data_dir="data", threads=2, fresh_windows=0)
+    evaluator = {"repair": "lsq", "refit": True, "fitness": "kl", "device": "cuda", "dtype": "float32", **saved}
+    (tmp_path / "bench.json").write_text(json.dumps({"evaluator": evaluator}))
+    args = argparse.Namespace(data_dir="data", threads=2, fresh_windows=0, device="cpu")
     config = oracle.benchmark_config("bench", tmp_path / "work", args)
     assert (config.unit_ranking, config.fitness, config.align_cache) == (ranking, "ppl", str(tmp_path / "work" / "store"))
+    assert (config.device, config.dtype) == ("cpu", "float32")
     with pytest.raises(SystemExit, match="--benchmark other: no .*other.json"):
         oracle.benchmark_config("other", tmp_path / "work", args)
 
