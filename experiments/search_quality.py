@@ -63,7 +63,8 @@ from gaprune.files import write_json_atomic
 LAYERS = 30
 SPEED_ROUNDS = 3
 HELDOUT_FIGURES = (*REPORT_TEXTS, *DEV_TEXTS, *(f"{text} {kind}" for text in REPORT_TEXTS for kind in ("kl", "top1")))
-SPEED_FIGURES = ("prefill speedup", "decode speedup")
+PHASES = (("prefill", prefill), ("decode", decode))  # what speed() times, in this order
+SPEED_FIGURES = tuple(f"{phase} speedup" for phase, _ in PHASES)
 
 
 class Remembering:
@@ -301,7 +302,8 @@ def speed(evaluator: ModelEvaluator, genes: Sequence[object], prompt: torch.Tens
     """Prefill and decode speed of the genome's layers against the dense model's: the very modules
     an export holds, run in place; a warm-up each, then dense and cut alternated, medians."""
     stack = evaluator.stack(genes)
-    model, ids = evaluator.model, prompt[:, :PREFILL_TOKENS].to(evaluator.model.device)
+    model = evaluator.model
+    ids = prompt[:, :PREFILL_TOKENS].to(model.device)
 
     def run(name: str, phase) -> float:
         if name == "dense":
@@ -311,14 +313,13 @@ def speed(evaluator: ModelEvaluator, genes: Sequence[object], prompt: torch.Tens
 
     for name in ("dense", "cut"):
         run(name, prefill)
-    times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in ("dense", "cut")}
+    times: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase, _ in PHASES} for name in ("dense", "cut")}
     for _ in range(SPEED_ROUNDS):
         for name in times:
-            for phase, call in (("prefill", prefill), ("decode", decode)):
+            for phase, call in PHASES:
                 times[name][phase].append(run(name, call))
     median = {name: {phase: statistics.median(values) for phase, values in phases.items()} for name, phases in times.items()}
-    return {"prefill speedup": median["dense"]["prefill"] / median["cut"]["prefill"],
-            "decode speedup": median["dense"]["decode"] / median["cut"]["decode"]}
+    return {f"{phase} speedup": median["dense"][phase] / median["cut"][phase] for phase, _ in PHASES}
 
 
 def run_method(bench: Bench, method: str, heldout: HeldOut, work: Path) -> dict[str, Any]:

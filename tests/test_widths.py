@@ -309,6 +309,14 @@ def test_a_reused_run_keeps_its_held_out_figures_and_only_speed_is_measured_agai
     assert measured == {name: row[name] for name in (*HELDOUT_FIGURES, *SPEED_FIGURES)}
 
 
+def test_the_benchmark_times_a_genome_against_the_dense_model_in_every_phase(llama_dir, text_file):
+    from experiments.search_quality import speed
+    scored = evaluator(llama_dir, text_file)
+    prompt = torch.randint(0, 320, (1, 16))
+    measured = speed(scored, [1, 0, 1, 1, 1, 1], prompt)
+    assert list(measured) == list(SPEED_FIGURES) and all(value > 0 for value in measured.values())
+
+
 @pytest.mark.parametrize("method, takes", [
     ("ga-joint", "order"), ("ga-joint-4of16-t3", "order"), ("evopress-joint", "order"), ("width-oneshot", "order"),
     ("width-oneshot-raw", "order"), ("depth-then-width", "order"),
