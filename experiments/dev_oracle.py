@@ -32,6 +32,7 @@ from experiments.fidelity import spearman
 from experiments.report import RESULTS, save_results
 from ga.checkpoint import RunFolder
 from gaprune.files import write_json_atomic
+from gaprune.options import add_config_arguments
 
 
 def ga_candidates(work: Path, share: float, top: int) -> list[dict[str, Any]]:
@@ -136,12 +137,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--device", default=EvaluatorConfig.device,
-                        help="where to score (the benchmark's dtype is kept, so a GPU benchmark scores alike here)")
     parser.add_argument("--match", default="", help="keep only candidates whose source matches this regular expression")
     parser.add_argument("--fresh-windows", type=int, default=0,
                         help="also score every candidate on this many calibration windows no search read (0: off)")
     parser.add_argument("--output", default=None, help="stem under experiments/results (default: dev_oracle-p<share>)")
+    add_config_arguments(parser, EvaluatorConfig, "where to score (the benchmark's dtype is kept)", only=("device",))
     args = parser.parse_args(argv)
 
     from evaluators.fitness import ModelEvaluator

@@ -44,7 +44,7 @@ import torch
 
 from chromosomes import Shape, Space, from_string, to_string
 from chromosomes.width import counts_left, select_global
-from evaluators.config import (DEV_TEXTS, DEVICES_HELP, EvaluatorConfig, FITNESS_KINDS, RANKINGS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS)
+from evaluators.config import (DEV_TEXTS, EvaluatorConfig, FITNESS_KINDS, RANKINGS, REPAIRS, REPAIR_INPUTS, REPORT_TEXTS)
 from evaluators.fitness import Fitness, ModelEvaluator
 from evaluators.perplexity import final_hidden
 from evaluators.surgery import layer_view
@@ -59,6 +59,7 @@ from ga.problem import Problem
 from ga.run import RESUMABLE
 from ga.seeding import single_skips, skip_lowest
 from gaprune.files import write_json_atomic
+from gaprune.options import add_config_arguments
 
 LAYERS = 30
 SPEED_ROUNDS = 3
@@ -476,10 +477,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="tokens of each test text")
     parser.add_argument("--dev-tokens", type=int, default=16384, help="tokens of each dev text")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--device", default=EvaluatorConfig.device, help=DEVICES_HELP)
-    parser.add_argument("--dtype", default=EvaluatorConfig.dtype,
-                        help="auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16, float16: float32 on a GPU "
-                        "measures what the CPU rows measure")
     parser.add_argument("--work", default=None,
                         help="per-run results and GA run folders, one benchmark's settings (default: runs/<output>)")
     parser.add_argument("--output", default=None, help="stem of the files under experiments/results "
@@ -487,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--speed-again", action="store_true",
                         help="measure every run's speed again (its figures are kept): after runs made while the machine was busy")
     parser.add_argument("--collect", action="store_true", help="only gather the finished runs under --work into the results")
+    add_config_arguments(parser, EvaluatorConfig, "where to run (float32 on a GPU measures what the CPU rows measure)",
+                         only=("device", "dtype"))
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:

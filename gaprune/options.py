@@ -51,11 +51,14 @@ def _base_type(annotation: Any) -> type:
     return annotation
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = (),
+                         only: tuple[str, ...] | None = None) -> None:
+    """`only`: the fields a command takes from a config it otherwise sets itself (a benchmark's
+    device and dtype), declared here all the same so their help and default live in one place."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
+        if f.name in skip or not f.init or (only is not None and f.name not in only):
             continue
         kind = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

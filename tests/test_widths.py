@@ -493,3 +493,11 @@ def test_collecting_a_benchmark_with_no_finished_run_says_so_and_writes_nothing(
     with pytest.raises(SystemExit, match="no run under .* has its held-out figures yet"):
         main(["--collect", "--work", str(tmp_path / "work"), "--output", "never-written"])
     assert not (RESULTS / "never-written.json").exists()
+
+
+
+def test_a_benchmark_takes_only_the_config_fields_it_names_with_their_defaults():
+    from gaprune.options import add_config_arguments
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, EvaluatorConfig, "where to run", only=("device", "dtype"))
+    assert vars(parser.parse_args(["--dtype", "float32"])) == {"device": "auto", "dtype": "float32"}
