@@ -55,7 +55,7 @@ class SearchConfig(Settings):
     max_evals: int = field(default=0, metadata={"help": "score at most this many chromosomes, a screening counting as its share of the scoring tokens; the generation that reaches it is cut short (0: no limit)"})
     screen_tokens: int = field(default=1024, metadata={"help": "multi-fidelity: breed --screen-factor times --offspring candidates, score them on this many tokens (whole windows, fewer than the scoring tokens) and fully score only the best --offspring (0: off)"})
     screen_factor: int | None = field(default=None, metadata={"help": "candidates bred per offspring when screening (default: 8 on --space joint, else 4)"})
-    patience: int = field(default=5, metadata={"help": "stop after this many generations without a better best chromosome (0: never)"})
+    patience: int = field(default=8, metadata={"help": "stop after this many generations without a better best chromosome (0: never)"})
     seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same run"})
 
     def __post_init__(self) -> None:

@@ -276,12 +276,28 @@ def test_patience_only_ends_a_run_so_a_longer_run_replays_every_shorter_patience
     assert shorter.logbook == longer.logbook[:stop + 1] and shorter.history == longer.history[:stop + 1]
 
 
-@pytest.mark.parametrize("patience, stop", [(0, 6), (1, 2), (2, 5), (3, 6), (9, 6)])
-def test_a_replayed_patience_stops_where_the_run_would_have(patience, stop):
-    """experiments.patience: a run stops at the first generation whose best is `patience` old."""
+@pytest.mark.parametrize("patience, gens, stop", [
+    (0, 0, 6), (1, 0, 2), (2, 0, 5), (3, 0, 6), (9, 0, 6),
+    (0, 4, 4), (2, 4, 4), (1, 4, 2), (0, 99, 6),  # --gens caps it, patience may stop it sooner
+])
+def test_a_replayed_patience_stops_where_the_run_would_have(patience, gens, stop):
+    """experiments.patience: a run stops at the first generation whose best is `patience` old,
+    or at generation `gens`."""
     from experiments.patience import stopping_generation
     bests = [5.0, 4.0, 4.0, 3.0, 3.0, 3.0, 2.5]
-    assert stopping_generation(bests, patience) == stop
+    assert stopping_generation(bests, patience, gens) == stop
+
+
+def test_replayed_stops_are_summarized_against_each_runs_end():
+    """Runs of different budgets are compared by their distance from their own end, not by their
+    dev perplexities, which differ by budget."""
+    from experiments.patience import summarize
+    rows = [{"run": run, "gens": 0, "patience": 5, "stops at generation": g, "evaluations": e,
+             "share of the run's evaluations": e / 100, "dev mean vs the run's end %": d}
+            for run, g, e, d in (("a", 10, 50, 2.0), ("b", 30, 90, -1.0))]
+    [row] = summarize(rows)
+    assert row["runs"] == 2 and row["evaluations"] == 70 and row["dev mean vs the run's end %"] == 0.5
+    assert row["worst run %"] == 2.0
 
 
 @pytest.mark.parametrize("settings, expected", [
@@ -328,6 +344,9 @@ def test_screenings_count_against_the_budget_by_the_share_of_tokens_they_read(tm
     assert state.screenings > 0
     assert 59 < spent[-1] <= 60 + 1e-9  # the budget is spent, never overshot
     assert state.evaluations < 60  # so screenings were counted
+    from experiments.patience import evaluations_by_generation, read_generations
+    replayed = evaluations_by_generation(tmp_path / "screen-budget", read_generations(tmp_path / "screen-budget"))
+    assert replayed == pytest.approx(spent)  # experiments.patience reads a run folder as the budget counted it
 
 
 def test_screening_spends_full_evaluations_only_on_new_chromosomes(tmp_path):
