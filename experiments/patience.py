@@ -84,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.patience", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, nargs="+", help="GA run folders that ran past the stops replayed")
-    parser.add_argument("--patience", default="3,5,6,8,10", help="values of --patience to replay, comma-separated (0: none)")
-    parser.add_argument("--gens", default="0", help="values of --gens to replay, comma-separated (0: each run's length)")
+    parser.add_argument("--patience", default="3,5,6,8,10",
+                        help="values of --patience to replay, comma-separated (0: none)")
+    parser.add_argument("--gens", default="0",
+                        help="values of --gens to replay, comma-separated (0: each run's length)")
     parser.add_argument("--evaluator", default=None, metavar="FILE",
                         help="the runs' evaluator settings (default: each run's config.json)")
     parser.add_argument("--work", default=None,
@@ -105,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     saved = EvaluatorConfig.from_saved(run_settings(runs[0], args.evaluator))
     if any(EvaluatorConfig.from_saved(run_settings(run, args.evaluator)) != saved for run in runs[1:]):
         raise SystemExit("the runs were scored with different evaluator settings: replay them separately")
+    store = str(Path(args.work) / "store") if args.work else saved.align_cache
     evaluator = ModelEvaluator(replace(saved, data_dir=args.data_dir or saved.data_dir, threads=args.threads,
-                                       device=args.device, align_cache=str(Path(args.work) / "store") if args.work else saved.align_cache))
+                                       device=args.device, align_cache=store))
     dev = {name: text_blocks(name, evaluator.tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}
     measured: dict[str, dict[str, float]] = {}
 
