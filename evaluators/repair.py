@@ -609,6 +609,63 @@ class SeamRepairer:
                 hook.remove()
         return captured
 
+    @torch.no_grad()
+    def refit_on_cut(self, stack: LayerStack, whole_layers: bool = False) -> LayerStack:
+        """The stack with each narrowed sub-layer's output projection (every kept one's, with
+        `whole_layers`) refitted in order on what the cut model so far feeds it, to the dense
+        stream where that sub-layer's output goes (past the layers a seam skips): the refit of
+        `refit` sees the dense model's inputs and fits the layer's own output, so the errors of
+        the layers before it stay. Merged blocks are left as they are. Modules are copied."""
+        state = self.dense_states()[0]
+        modules = list(stack.modules)
+        for position, block in enumerate(stack.plan):
+            following = stack.plan[position + 1].anchor if position + 1 < len(stack.plan) else len(self.dense_layers)
+            types = None if stack.layer_types is None else [stack.layer_types[position]]
+            for kind, kept in (("attention", block.kv_heads), ("mlp", block.channels)):
+                if block.merged or kept == 0 or (kept is None and not whole_layers):
+                    continue
+                mlp_follows = kind == "attention" and block.channels != 0
+                target = self.middle_states()[block.anchor] if mlp_follows else self.dense_states()[following]
+                if modules[position] is stack.modules[position]:
+                    modules[position] = copy.deepcopy(modules[position])
+                self._refit_projection(modules[position], kind, state, target, types, mlp_follows)
+            state = [self._run(ids, [modules[position]], types, state[batch], {"out": modules[position]})["out"]
+                     for batch, ids in enumerate(self._batches())]
+        return LayerStack(stack.plan, stack.keys, tuple(modules), stack.layer_types)
+
+    def _refit_projection(self, layer: nn.Module, kind: str, state: list[torch.Tensor], target: list[torch.Tensor],
+                          types: list[str] | None, mlp_follows: bool) -> None:
+        """Refit, in place, the output projection of this sub-layer of `layer` run from `state`,
+        so that the residual stream after it (what the MLP reads, if one follows; else the layer's
+        output) is the least-squares fit of `target`."""
+        projection = output_projection(layer, self.family, self._output_path(kind))
+        size = projection.weight.shape[1]
+        xx = torch.zeros(size, size, dtype=torch.float64, device=self.device)
+        xy = torch.zeros(size, projection.weight.shape[0], dtype=torch.float64, device=self.device)
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [projection.register_forward_pre_hook(lambda _module, args: seen.__setitem__("x", args[0]))]
+        if mlp_follows:
+            reader = self.family.module(layer, self.family.mlp_norm or self.family.mlp)
+            hooks.append(reader.register_forward_pre_hook(lambda _module, args: seen.__setitem__("stream", args[0])))
+        try:
+            for batch, ids in enumerate(self._batches()):
+                captured = self._run(ids, [layer], types, state[batch], {"out": layer, "written": projection})
+                stream = seen["stream"] if mlp_follows else captured["out"]
+                rest = stream - captured["written"] * self.scale  # the stream without this projection's output
+                x = seen["x"].reshape(-1, size).double()
+                y = ((target[batch] - rest) / self.scale).reshape(x.shape[0], -1).double()
+                if projection.bias is not None:
+                    y -= projection.bias.double()
+                xx += x.T @ x
+                xy += x.T @ y
+        finally:
+            for hook in hooks:
+                hook.remove()
+        eye = torch.eye(size, dtype=torch.float64, device=self.device)
+        solved = torch.linalg.solve(xx + ridge_strength(xx, self.ridge) * eye, xy).T
+        if torch.isfinite(solved).all():
+            projection.weight.data = solved.to(projection.weight.dtype)
+
     # -- refits of narrowed sub-layers ------------------------------------------------------------
 
     def refit(self, layer: int, kind: str, narrowed: nn.Module, columns: Sequence[int]) -> None:

@@ -242,6 +242,40 @@ def test_a_refitted_sub_layer_reproduces_the_dense_output_better_than_the_cut_on
     assert errors[1] < 0.9 * errors[0], errors
 
 
+def test_refitting_an_uncut_model_on_its_own_states_gives_back_its_weights(llama_dir, text_file):
+    """refit_on_cut's least squares, on a model nothing was cut from, has the dense weights as
+    its exact solution: the inputs, targets and streams it reads line up."""
+    scorer = evaluator(llama_dir, text_file, repair_ridge=0.0)
+    stack = scorer.stack([1] * 6)
+    refitted = scorer.builder.repairer.refit_on_cut(stack, whole_layers=True)
+    for before, after in zip(stack.modules, refitted.modules):
+        assert after is not before  # copied, so the builder's cached modules stay as they were
+        for path in ("self_attn.o_proj", "mlp.down_proj"):
+            dense, fitted = before.get_submodule(path).weight, after.get_submodule(path).weight
+            assert torch.allclose(fitted, dense, atol=1e-3 * float(dense.abs().max())), path
+
+
+@pytest.mark.parametrize("genes", [[1, [1, 24], 0, [2, 16], 1, 1], [1, [0, 24], [2, 0], 1, 0, [1, 40]]])
+def test_a_refit_on_the_cut_model_brings_its_last_state_nearer_the_dense_one(llama_dir, text_file, genes):
+    """Each narrowed projection refitted on what the cut model feeds it, to the dense stream past
+    any seam, undoes more of the error that reaches the model's last layer than refits on dense
+    inputs do (removed sub-layers and skipped layers on the way)."""
+    scorer = evaluator(llama_dir, text_file)
+    repairer = scorer.builder.repairer
+    stack = scorer.stack(genes)
+
+    def last_state_error(modules) -> float:
+        states = []
+        hook = modules[-1].register_forward_hook(lambda _m, _a, out: states.append(out[0] if isinstance(out, tuple) else out))
+        with layer_view(scorer.model, modules, stack.layer_types), torch.no_grad():
+            for batch in repairer._batches():
+                scorer.model.model(input_ids=batch, use_cache=False)
+        hook.remove()
+        return sum(float((s - d).pow(2).sum()) for s, d in zip(states, repairer.dense_states()[-1]))
+
+    assert last_state_error(repairer.refit_on_cut(stack).modules) < last_state_error(stack.modules)
+
+
 def test_the_ranking_is_computed_once_per_run_folder_and_read_back(llama_dir, text_file, tmp_path):
     first = evaluator(llama_dir, text_file, align_cache=str(tmp_path))
     units = first.units()
