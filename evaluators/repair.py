@@ -278,11 +278,12 @@ def check_mixture_folds(model: PreTrainedModel, layer: nn.Module, ids: torch.Ten
 
 
 class NormalEquations:
-    """Running X^T X and X^T Y in fp64 for the ridge problem min ||X T - Y||^2 + ridge ||T - I||^2."""
+    """Running X^T X and X^T Y in fp64 for the ridge problem min ||X T - Y||^2 + ridge ||T - I||^2
+    (a seam's map), or + ridge ||T||^2 when Y has another width (a projection's weights)."""
 
-    def __init__(self, size: int, device: torch.device):
+    def __init__(self, size: int, device: torch.device, outputs: int | None = None):
         self.xx = torch.zeros(size, size, dtype=torch.float64, device=device)
-        self.xy = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.xy = torch.zeros(size, outputs or size, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -296,6 +297,11 @@ class NormalEquations:
         size = self.xx.shape[0]
         eye = torch.eye(size, dtype=torch.float64, device=self.xx.device)
         return torch.linalg.solve(self.xx + self._strength(ridge) * eye, self.xy + self._strength(ridge) * eye)
+
+    def least_squares(self, ridge: float) -> torch.Tensor:
+        """T, shrunk towards zero; ridge is relative to the mean diagonal of X^T X."""
+        eye = torch.eye(self.xx.shape[0], dtype=torch.float64, device=self.xx.device)
+        return torch.linalg.solve(self.xx + self._strength(ridge) * eye, self.xy)
 
     def solve_scaling(self, ridge: float, rotation: torch.Tensor) -> torch.Tensor:
         """T = Q diag(d) Q^T: the best channel scaling d in the basis of Q's columns, shrunk towards 1.
@@ -640,8 +646,7 @@ class SeamRepairer:
         output) is the least-squares fit of `target`."""
         projection = output_projection(layer, self.family, self._output_path(kind))
         size = projection.weight.shape[1]
-        xx = torch.zeros(size, size, dtype=torch.float64, device=self.device)
-        xy = torch.zeros(size, projection.weight.shape[0], dtype=torch.float64, device=self.device)
+        equations = NormalEquations(size, self.device, outputs=projection.weight.shape[0])
         seen: dict[str, torch.Tensor] = {}
         hooks = [projection.register_forward_pre_hook(lambda _module, args: seen.__setitem__("x", args[0]))]
         if mlp_follows:
@@ -652,17 +657,14 @@ class SeamRepairer:
                 captured = self._run(ids, [layer], types, state[batch], {"out": layer, "written": projection})
                 stream = seen["stream"] if mlp_follows else captured["out"]
                 rest = stream - captured["written"] * self.scale  # the stream without this projection's output
-                x = seen["x"].reshape(-1, size).double()
-                y = ((target[batch] - rest) / self.scale).reshape(x.shape[0], -1).double()
+                y = (target[batch] - rest) / self.scale
                 if projection.bias is not None:
-                    y -= projection.bias.double()
-                xx += x.T @ x
-                xy += x.T @ y
+                    y = y - projection.bias
+                equations.add(seen["x"], y)
         finally:
             for hook in hooks:
                 hook.remove()
-        eye = torch.eye(size, dtype=torch.float64, device=self.device)
-        solved = torch.linalg.solve(xx + ridge_strength(xx, self.ridge) * eye, xy).T
+        solved = equations.least_squares(self.ridge).T
         if torch.isfinite(solved).all():
             projection.weight.data = solved.to(projection.weight.dtype)
 
