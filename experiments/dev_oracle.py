@@ -54,6 +54,19 @@ def picks(work: Path, share: float) -> list[dict[str, Any]]:
             for row in rows]
 
 
+def dev_figures(evaluator: Any, key: str, dev: dict[str, Any], cache: Path | None) -> dict[str, float]:
+    """A genome's dev perplexities, kept as cache/<key>.json when a cache folder is given, so an
+    interrupted study resumes and the next study of the same genomes reads them back."""
+    from chromosomes import from_string
+    path = cache / f"{key}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    figures = evaluator.heldout(from_string(key), dev)
+    if path is not None:
+        write_json_atomic(path, figures)
+    return figures
+
+
 def fresh_blocks(evaluator: Any, config: EvaluatorConfig, windows: int) -> Any:
     """Calibration windows after every one a search reads (scoring, then alignment, repair, ranking)."""
     from evaluators.text import text_blocks
@@ -146,7 +159,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from evaluators.fitness import ModelEvaluator
     from evaluators.text import text_blocks
-    from chromosomes import from_string
 
     work = Path(args.work or f"runs/{args.benchmark}")
     config = benchmark_config(args.benchmark, work, args)
@@ -156,11 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     dev = {name: text_blocks(name, evaluator.tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}
     known = {c["chromosome"]: {name: c[name] for name in DEV_TEXTS} for c in candidates if DEV_TEXTS[0] in c}
     for candidate in candidates:  # each genome once, kept on disk for an interrupted run
-        path = work / "dev" / f"{candidate['chromosome']}.json"
         if candidate["chromosome"] not in known:
-            if not path.is_file():
-                write_json_atomic(path, evaluator.heldout(from_string(candidate["chromosome"]), dev))
-            known[candidate["chromosome"]] = json.loads(path.read_text())
+            known[candidate["chromosome"]] = dev_figures(evaluator, candidate["chromosome"], dev, work / "dev")
         candidate.update(known[candidate["chromosome"]])
         candidate["dev mean"] = statistics.mean(candidate[name] for name in DEV_TEXTS)
         print(f"{candidate['source']:40s} fitness {candidate['fitness']:.3f} " +

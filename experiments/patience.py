@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evaluators.config import DEV_TEXTS, EvaluatorConfig
+from experiments.dev_oracle import dev_figures
 from experiments.report import save_results
 from ga.checkpoint import RunFolder
 from ga.config import SearchConfig
 from ga.engine import generations_without_progress, screening_share
-from gaprune.files import write_json_atomic
 from gaprune.options import add_config_arguments
 
 
@@ -99,7 +99,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_config_arguments(parser, EvaluatorConfig, "where to score (the runs' dtype is kept)", only=("device",))
     args = parser.parse_args(argv)
 
-    from chromosomes import from_string
     from evaluators.fitness import ModelEvaluator
     from evaluators.text import text_blocks
 
@@ -112,17 +111,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        device=args.device, align_cache=store))
     dev = {name: text_blocks(name, evaluator.tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}
     measured: dict[str, dict[str, float]] = {}
+    cache = Path(args.work) / "dev" if args.work else None
 
-    def dev_figures(key: str) -> dict[str, float]:
+    def dev_of(key: str) -> dict[str, float]:
         """A genome's dev perplexities, scored once (and kept under --work)."""
-        path = Path(args.work) / "dev" / f"{key}.json" if args.work else None
         if key not in measured:
-            if path and path.is_file():
-                measured[key] = json.loads(path.read_text())
-            else:
-                measured[key] = evaluator.heldout(from_string(key), dev)
-                if path:
-                    write_json_atomic(path, measured[key])
+            measured[key] = dev_figures(evaluator, key, dev, cache)
         return measured[key]
 
     rows = []
@@ -130,12 +124,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         generations = read_generations(run)
         bests = [g["best"] for g in generations]
         spent = evaluations_by_generation(run, generations)
-        end = statistics.mean(dev_figures(generations[-1]["chromosome"]).values())
+        end = statistics.mean(dev_of(generations[-1]["chromosome"]).values())
         for gens in (int(g) for g in args.gens.split(",")):
             for patience in (int(p) for p in args.patience.split(",")):
                 at = stopping_generation(bests, patience, gens)
                 stop = generations[at]
-                figures = dev_figures(stop["chromosome"])
+                figures = dev_of(stop["chromosome"])
                 mean = statistics.mean(figures.values())
                 rows.append({"run": run.name, "gens": gens, "patience": patience, "stops at generation": stop["gen"],
                              "evaluations": spent[at], "share of the run's evaluations": spent[at] / spent[-1],
