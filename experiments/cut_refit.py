@@ -5,8 +5,8 @@ the layer's own dense output, so every fit is shared by all genomes that narrow 
 same way; the errors of the layers before it stay. Refitted instead in order on what the cut
 model so far feeds it, to the dense stream past any seam (`SeamRepairer.refit_on_cut`), a
 genome's fits are its own (one forward of its layers over the repair tokens per genome), and
-they also correct what the layers before them got wrong; with --whole-layers every kept layer's
-projections are refitted that way too. For each pick of a `search_quality` benchmark at one
+they also correct what the layers before them got wrong; a second variant refits every kept
+layer's projections that way too. For each pick of a `search_quality` benchmark at one
 budget, dev perplexity of the benchmark's own repair (from its results file) against both:
 dev text only, the test text is not read.
 

@@ -529,7 +529,6 @@ def test_collecting_a_benchmark_with_no_finished_run_says_so_and_writes_nothing(
     assert not (RESULTS / "never-written.json").exists()
 
 
-
 def test_a_benchmark_takes_only_the_config_fields_it_names_with_their_defaults():
     from gaprune.options import add_config_arguments
     parser = argparse.ArgumentParser()
