@@ -250,6 +250,7 @@ SEARCHES: dict[str, Method] = {
     "ga-joint": ga_method("joint"),
     "ga-joint-4of16-t3": ga_method("joint", **EARLIER_SELECTION),
     "ga-joint-2of16-t3": ga_method("joint", offspring=2, screen_factor=8, tournament=3),
+    "ga-joint-prescreen4": ga_method("joint", prescreen=4),
     "ga-sublayers": ga_method("sublayers", "width"),
     "ga-sublayers-importance": ga_method("sublayers", "sublayers"),
     "evopress-joint": Method(evopress_joint, "order"),

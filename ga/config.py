@@ -21,7 +21,7 @@ SPACE_DEFAULTS: dict[str, dict[str, object]] = {
     "joint": {"init": "width", "offspring": 2, "screen_factor": 8, "tournament": 8},
 }
 ADDED_SINCE: dict[str, object] = {"seam_prob": 0.0, "space": "layers", "params": None, "mlp_levels": 8,
-                                  "guide": False}
+                                  "guide": False, "prescreen": 1}
 
 
 def saved_search(settings: dict) -> dict:
@@ -55,6 +55,7 @@ class SearchConfig(Settings):
     max_evals: int = field(default=0, metadata={"help": "score at most this many chromosomes, a screening counting as its share of the scoring tokens; the generation that reaches it is cut short (0: no limit)"})
     screen_tokens: int = field(default=1024, metadata={"help": "multi-fidelity: breed --screen-factor times --offspring candidates, score them on this many tokens (whole windows, fewer than the scoring tokens) and fully score only the best --offspring (0: off)"})
     screen_factor: int | None = field(default=None, metadata={"help": "candidates bred per offspring when screening (default: 8 on --space joint, else 4)"})
+    prescreen: int = field(default=1, metadata={"help": "breed this many times the candidates to screen and screen those that a ridge regression on the run's own screenings (what each layer's attention and MLP lose) ranks best; it costs no evaluation (1: off)"})
     patience: int = field(default=8, metadata={"help": "stop after this many generations without a better best chromosome (0: never)"})
     seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same run"})
 
@@ -77,6 +78,10 @@ class SearchConfig(Settings):
             raise ValueError("max_evals, screen_tokens and patience must not be negative")
         if self.screen_factor < 1:
             raise ValueError(f"screen_factor must be at least 1, got {self.screen_factor}")
+        if not isinstance(self.prescreen, int) or isinstance(self.prescreen, bool) or self.prescreen < 1:
+            raise ValueError(f"prescreen must be a positive integer, got {self.prescreen!r}")
+        if self.prescreen > 1 and not self.screen_tokens:
+            raise ValueError("--prescreen chooses which candidates to screen: it needs --screen-tokens above 0")
         if self.remove is not None and self.ratio is not None:
             raise ValueError("give --remove or --ratio, not both")
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):

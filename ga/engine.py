@@ -29,6 +29,7 @@ from ga.config import SearchConfig, saved_search
 from ga.operators import gene_frequencies, mean_pairwise_hamming
 from ga.problem import Problem
 from ga.seeding import drop_cheapest_sublayers, drop_weights, single_skips, single_sublayer_cuts, skip_lowest
+from ga.surrogate import most_promising
 from gaprune.options import say
 
 
@@ -290,16 +291,28 @@ def candidates_per_generation(search: SearchConfig) -> int:
 def breed(population: list[Individual], toolbox: base.Toolbox, search: SearchConfig, state: SearchState) -> list[Individual]:
     """Candidate offspring of tournament winners, by crossover and mutation."""
     with drawing_from(state.rng):
-        parents = toolbox.select(population, candidates_per_generation(search))
+        parents = toolbox.select(population, candidates_per_generation(search) * search.prescreen)
         return algorithms.varAnd(parents, toolbox, search.cx_prob, search.mut_prob)
 
 
 def offspring_to_score(candidates: list[Individual], evaluator: Evaluator, state: SearchState, search: SearchConfig,
-                       screen_limit: int | None) -> list[Individual]:
+                       shape: Shape, screen_limit: int | None) -> list[Individual]:
     """All candidates, or when screening the --offspring best new ones on the screening tokens."""
     if not search.screen_tokens:
         return candidates
+    candidates = prescreened(candidates, state, search, shape)
     return screen(candidates, search.offspring, evaluator, state, search.screen_tokens, screen_limit)
+
+
+def prescreened(candidates: list[Individual], state: SearchState, search: SearchConfig, shape: Shape) -> list[Individual]:
+    """With --prescreen, the new candidates (never screened nor scored) worth screening, as many
+    as a generation screens, chosen by the regression on the run's screenings; else all of them."""
+    if search.prescreen == 1:
+        return candidates
+    keys = [to_string(ind) for ind in candidates]
+    fresh = list(dict.fromkeys(key for key in keys if key not in state.cache and key not in state.screen_cache))
+    chosen = most_promising(fresh, state.screen_cache, shape, candidates_per_generation(search))
+    return [candidates[keys.index(key)] for key in chosen]
 
 
 def screen(candidates: list[Individual], keep: int, evaluator: Evaluator, state: SearchState,
@@ -503,14 +516,15 @@ def evolve(evaluator: Evaluator, search: SearchConfig, folder: RunFolder,
             state.seeds = [to_string(seed) for seed in seeds]
             candidates = initial_candidates(toolbox, search, state, seeds)
             offspring = [Individual(seed) for seed in seeds] + offspring_to_score(
-                candidates, evaluator, state, search, screenings_left(state, search, definition))
+                candidates, evaluator, state, search, problem.space.shape, screenings_left(state, search, definition))
             scored, evals, hits = score(offspring, evaluator, state, evaluations_left(state, search, definition))
             state.population = survivors(scored, search.pop)
             finish_generation(evals, hits, time.perf_counter() - started)
         while not finished(state, search, definition):
             started, generation = time.perf_counter(), state.generation + 1
             candidates = breed(state.population, toolbox, search, state)
-            offspring = offspring_to_score(candidates, evaluator, state, search, screenings_left(state, search, definition))
+            offspring = offspring_to_score(candidates, evaluator, state, search, problem.space.shape,
+                                           screenings_left(state, search, definition))
             scored, evals, hits = score(offspring, evaluator, state, evaluations_left(state, search, definition))
             state.population, state.generation = survivors(state.population + scored, search.pop), generation
             finish_generation(evals, hits, time.perf_counter() - started)

@@ -1,21 +1,25 @@
 """The search engine on a synthetic fitness: it optimizes, keeps the budget, never re-scores,
 and its checkpoint holds everything."""
+import itertools
 import json
 import math
 import os
 import random
 import signal
+import statistics
 from collections import Counter
 
 import pytest
 
-from chromosomes import from_string, layers_removed, to_string, validate
+from chromosomes import Shape, from_string, layers_removed, to_string, validate
+from evaluators.fitness import Fitness
 from ga import engine
 from ga.baselines import random_search
 from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
 from ga.engine import evolve
 from ga.operators import mutate, removed_runs
+from ga.surrogate import most_promising
 from ga.seeding import drop_weights, skip_lowest
 from gaprune.options import terminate_like_interrupt
 from tests.synthetic import PlantedEvaluator
@@ -124,10 +128,11 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     assert [list(i) for i in a.population] != [list(i) for i in c.population]
 
 
-def test_continuing_in_steps_equals_one_run(tmp_path):
-    whole = run(tmp_path, "whole", PlantedEvaluator(TARGET), gens=8, seed=5)
-    run(tmp_path, "steps", PlantedEvaluator(TARGET), gens=3, seed=5)
-    steps = run(tmp_path, "steps", PlantedEvaluator(TARGET), gens=8, seed=5)
+@pytest.mark.parametrize("settings", [{}, {"prescreen": 4}])  # the prescreen's regression is refitted from the checkpoint
+def test_continuing_in_steps_equals_one_run(tmp_path, settings):
+    whole = run(tmp_path, "whole", PlantedEvaluator(TARGET), gens=8, seed=5, **settings)
+    run(tmp_path, "steps", PlantedEvaluator(TARGET), gens=3, seed=5, **settings)
+    steps = run(tmp_path, "steps", PlantedEvaluator(TARGET), gens=8, seed=5, **settings)
     assert list(steps.logbook) == list(whole.logbook)
     assert steps.best() == whole.best()
 
@@ -356,6 +361,47 @@ def test_screening_spends_full_evaluations_only_on_new_chromosomes(tmp_path):
     new_per_generation = [r["evals"] for r in state.logbook]
     assert new_per_generation == [3] * 13  # --offspring, every generation
     assert set(state.cache) <= set(state.screen_cache)
+
+
+def test_the_prescreen_ranks_new_genomes_as_a_fitness_additive_over_layers_does():
+    shape = Shape(num_layers=4, kv_heads=3, channels=8, attention_fixed=1, attention_unit=10, mlp_fixed=1, mlp_unit=5)
+    cost = [(0.9, 0.1), (0.2, 0.6), (0.5, 0.5), (0.1, 0.3)]  # per layer: what its attention and MLP lose when removed
+
+    def fitness(genes):
+        nll = 2.0
+        for gene, (attention, mlp) in zip(genes, cost):
+            kv_heads, channels = shape.counts(gene)
+            nll += attention * (1 - kv_heads / 3) ** 2 + mlp * (1 - channels / 8)
+        return Fitness(math.exp(nll), nll, 100)
+
+    rng = random.Random(0)
+    genomes = list(dict.fromkeys(to_string([shape.gene(rng.randint(0, 3), rng.randint(0, 8)) for _ in range(4)])
+                                 for _ in range(80)))
+    screened = {key: fitness(from_string(key)) for key in genomes[:40]}
+    new = genomes[40:60]
+    best = sorted(new, key=lambda key: fitness(from_string(key)).value)[:5]
+    assert most_promising(new, screened, shape, 5) == best
+    assert most_promising(new, dict(list(screened.items())[:4]), shape, 5) == new[:5]  # too few screenings: as bred
+
+
+def test_prescreening_finds_a_planted_optimum_more_often_at_equal_evaluations(tmp_path):
+    hits = {1: 0, 4: 0}
+    for prescreen, seed in itertools.product(hits, range(8)):
+        state = run(tmp_path, f"p{prescreen}-s{seed}", PlantedEvaluator(TARGET), gens=200, max_evals=120, seed=seed,
+                    prescreen=prescreen)
+        hits[prescreen] += state.best()[0] == TARGET
+    assert hits[4] >= 7 and hits[1] <= 3, hits
+
+
+def test_the_prescreen_study_replays_a_runs_generations_from_its_log(tmp_path):
+    from experiments.prescreen_study import replay, screenings_by_generation
+    run(tmp_path, "logged", PlantedEvaluator(TARGET), gens=12, seed=1, prescreen=4)
+    generations = screenings_by_generation(tmp_path / "logged")
+    state = RunFolder(tmp_path / "logged").load_checkpoint()["state"]
+    assert len(generations) == 13 and sum(len(g) for g in generations) == state["screenings"]
+    replayed = replay(generations, Shape(24, 1, 1, 0, 0, 0, 0), 1e-3)
+    assert [r["generation"] for r in replayed] == list(range(1, 13))
+    assert statistics.mean(r["spearman"] for r in replayed[4:]) > 0.5  # the planted fitness is additive over layers
 
 
 def test_drop_weights_fade_layers_whose_single_removal_is_catastrophic():

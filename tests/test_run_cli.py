@@ -107,6 +107,8 @@ def test_resume_with_other_settings_or_into_a_finished_run_is_refused_and_loses_
     (["--repair", "magic"], "repair must be one of none, lsq"),
     (["--fitness", "bleu"], "fitness must be one of ppl, kl"),
     (["--patience", "-1"], "patience must not be negative"),
+    (["--prescreen", "0"], "prescreen must be a positive integer"),
+    (["--prescreen", "4", "--screen-tokens", "0"], "--prescreen chooses which candidates to screen"),
     (["--workers", "many"], "workers"),
     (["--workers", "auto", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
     (["--gpus-per-worker", "0"], "gpus_per_worker must be a positive integer"),
