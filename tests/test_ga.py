@@ -19,8 +19,8 @@ from ga.checkpoint import RunError, RunFolder
 from ga.config import SearchConfig
 from ga.engine import evolve
 from ga.operators import mutate, removed_runs
-from ga.surrogate import most_promising
 from ga.seeding import drop_weights, skip_lowest
+from ga.surrogate import most_promising
 from gaprune.options import terminate_like_interrupt
 from tests.synthetic import PlantedEvaluator
 
