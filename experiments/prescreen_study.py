@@ -1,18 +1,17 @@
 """Would a regression on a run's own screenings have told which candidates to screen?
 
-Replays finished GA runs from their evaluation logs: before each generation's screenings, the
-ridge regression of `ga.surrogate` is fitted on every screening the run had made so far and
-predicts that generation's; the table says how well it ordered them (Spearman within the
-generation) and how often the generation's best screened genome was among the quarter it ranked
-best (a prescreen of 4 keeps a quarter; chance is about a quarter). Only calibration fitness
-is read: the runs' own screenings, no held-out text.
+Replays finished GA runs from their checkpoints (every screening, in order): before each
+generation's screenings, the ridge regression of `ga.surrogate` is fitted on every screening the
+run had made so far and predicts that generation's; the table says how well it ordered them
+(Spearman within the generation) and how often the generation's best screened genome was among
+the quarter it ranked best (a prescreen of 4 keeps a quarter; chance is about a quarter). Only
+calibration fitness is read: the runs' own screenings, no held-out text.
 
     python -m experiments.prescreen_study --run runs/BENCH/runs/ga-joint-* --ridge 1e-4,1e-3,1e-2,1
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,19 +29,13 @@ from ga.surrogate import predicted
 EARLY = 13  # generations an 80-evaluation search of the joint space's default selection runs
 
 
-def screenings_by_generation(run: Path) -> list[dict[str, Fitness]]:
-    """Each generation's screenings, in the order the run made them (a generation screens, then
-    scores the best in full, so each run of screenings in the log is one generation's)."""
-    generations: list[dict[str, Fitness]] = []
-    last_was_screening = False
-    for line in RunFolder(run).log_path("evaluations").read_text().splitlines():
-        entry = json.loads(line)
-        if entry["screen"]:
-            if not last_was_screening:
-                generations.append({})
-            generations[-1][entry["key"]] = Fitness.from_dict(entry["fitness"])
-        last_was_screening = entry["screen"]
-    return generations
+def screenings_by_generation(checkpoint: dict[str, Any]) -> list[dict[str, Fitness]]:
+    """Each generation's screenings, in the order the run made them: the checkpoint's screening
+    cache split where each generation's logbook record says the run's screenings stood."""
+    state = checkpoint["state"]
+    screened = [(key, Fitness.from_dict(fitness)) for key, fitness in state["screen_cache"].items()]
+    ends = [record["screenings"] for record in state["logbook"]]
+    return [dict(screened[start:end]) for start, end in zip([0, *ends], ends)]
 
 
 def replay(generations: list[dict[str, Fitness]], shape: Shape, ridge: float) -> list[dict[str, Any]]:
@@ -84,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if checkpoint is None:
             raise SystemExit(f"{run} holds no finished generation")
         shape = genome_shape(checkpoint["definition"])
-        generations = screenings_by_generation(run)
+        generations = screenings_by_generation(checkpoint)
         for ridge in ridges:
             replayed = replay(generations, shape, float(ridge))
             per_run.append(summary(run.name, ridge, [r for r in replayed if r["generation"] <= EARLY], f"1-{EARLY}"))

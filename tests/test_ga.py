@@ -396,9 +396,9 @@ def test_prescreening_finds_a_planted_optimum_more_often_at_equal_evaluations(tm
 def test_the_prescreen_study_replays_a_runs_generations_from_its_log(tmp_path):
     from experiments.prescreen_study import replay, screenings_by_generation
     run(tmp_path, "logged", PlantedEvaluator(TARGET), gens=12, seed=1, prescreen=4)
-    generations = screenings_by_generation(tmp_path / "logged")
-    state = RunFolder(tmp_path / "logged").load_checkpoint()["state"]
-    assert len(generations) == 13 and sum(len(g) for g in generations) == state["screenings"]
+    checkpoint = RunFolder(tmp_path / "logged").load_checkpoint()
+    generations = screenings_by_generation(checkpoint)
+    assert len(generations) == 13 and sum(len(g) for g in generations) == checkpoint["state"]["screenings"]
     replayed = replay(generations, Shape(24, 1, 1, 0, 0, 0, 0), 1e-3)
     assert [r["generation"] for r in replayed] == list(range(1, 13))
     assert statistics.mean(r["spearman"] for r in replayed[4:]) > 0.5  # the planted fitness is additive over layers
