@@ -45,20 +45,23 @@ def ga_candidates(work: Path, share: float, top: int) -> list[dict[str, Any]]:
     return found
 
 
-def picks(work: Path, share: float) -> list[dict[str, Any]]:
-    """Every method's pick at this budget, from its per-run file."""
+def picks(work: Path, share: float, same_dev: bool) -> list[dict[str, Any]]:
+    """Every method's pick at this budget, from its per-run file, with the dev figures the
+    benchmark measured where it read the same dev text (`same_dev`)."""
     rows = [json.loads(path.read_text()) for path in sorted(work.glob(f"p{share:.4f}-*/*.json"))]
     return [{"source": f"pick {row['method']}" + ("" if row["seed"] is None else f" s{row['seed']}"),
              "chromosome": row["chromosome"], "fitness": row["fitness"], "repair": row.get("repair", "lsq"),
-             **{name: row[name] for name in DEV_TEXTS if name in row}}  # measured there the same way
+             **{name: row[name] for name in DEV_TEXTS if name in row and same_dev}}
             for row in rows]
 
 
 def dev_figures(evaluator: Any, key: str, dev: dict[str, Any], cache: Path | None) -> dict[str, float]:
-    """A genome's dev perplexities, kept as cache/<key>.json when a cache folder is given, so an
-    interrupted study resumes and the next study of the same genomes reads them back."""
+    """A genome's dev perplexities, kept as cache/<tokens>-tokens/<key>.json when a cache folder is
+    given, so an interrupted study resumes and the next study of the same genomes on as much dev
+    text reads them back (and one on more text does not)."""
     from chromosomes import from_string
-    path = cache / f"{key}.json" if cache is not None else None
+    tokens = max(blocks.numel() for blocks in dev.values())
+    path = cache / f"{tokens}-tokens" / f"{key}.json" if cache is not None else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())
     figures = evaluator.heldout(from_string(key), dev)
@@ -127,15 +130,18 @@ def fresh_summary(candidates: list[dict[str, Any]], top: int) -> dict[str, Any]:
     return summary
 
 
-def benchmark_config(stem: str, work: Path, args: argparse.Namespace) -> EvaluatorConfig:
+def benchmark_config(stem: str, work: Path, args: argparse.Namespace) -> tuple[EvaluatorConfig, bool]:
     """The benchmark's own evaluator settings (ranking, repair, refit: how its genomes are cut and
-    repaired), scored by perplexity, or by KL where fresh windows are asked for."""
+    repaired), scored by perplexity, or by KL where fresh windows are asked for; and whether its
+    picks' dev figures read as much dev text as asked for now (else they are measured again)."""
     path = RESULTS / f"{stem}.json"
     if not path.is_file():
         raise SystemExit(f"--benchmark {stem}: no {path}; run experiments.search_quality --output {stem} first")
-    saved = EvaluatorConfig.from_saved(json.loads(path.read_text())["evaluator"])
+    results = json.loads(path.read_text())
+    saved = EvaluatorConfig.from_saved(results["evaluator"])
+    same_dev = results.get("settings", {}).get("dev_tokens") == args.dev_tokens
     return replace(saved, data_dir=args.data_dir, threads=args.threads, device=args.device,
-                   align_cache=str(work / "store"), fitness="kl" if args.fresh_windows else "ppl")
+                   align_cache=str(work / "store"), fitness="kl" if args.fresh_windows else "ppl"), same_dev
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -161,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from evaluators.text import text_blocks
 
     work = Path(args.work or f"runs/{args.benchmark}")
-    config = benchmark_config(args.benchmark, work, args)
-    candidates = [c for c in picks(work, args.share) if c["repair"] == config.repair] + ga_candidates(work, args.share, args.top)
+    config, same_dev = benchmark_config(args.benchmark, work, args)
+    candidates = [c for c in picks(work, args.share, same_dev) if c["repair"] == config.repair] + ga_candidates(work, args.share, args.top)
     candidates = [c for c in candidates if re.search(args.match, c["source"])]
     evaluator = ModelEvaluator(config)
     dev = {name: text_blocks(name, evaluator.tokenizer, 1024, args.dev_tokens, args.data_dir) for name in DEV_TEXTS}

@@ -205,13 +205,32 @@ def test_the_dev_oracle_repairs_as_the_benchmark_it_reads_did(tmp_path, monkeypa
     import experiments.dev_oracle as oracle
     monkeypatch.setattr(oracle, "RESULTS", tmp_path)
     evaluator = {"repair": "lsq", "refit": True, "fitness": "kl", "device": "cuda", "dtype": "float32", **saved}
-    (tmp_path / "bench.json").write_text(json.dumps({"evaluator": evaluator}))
-    args = argparse.Namespace(data_dir="data", threads=2, fresh_windows=0, device="cpu")
-    config = oracle.benchmark_config("bench", tmp_path / "work", args)
+    (tmp_path / "bench.json").write_text(json.dumps({"evaluator": evaluator, "settings": {"dev_tokens": 16384}}))
+    args = argparse.Namespace(data_dir="data", threads=2, fresh_windows=0, device="cpu", dev_tokens=16384)
+    config, same_dev = oracle.benchmark_config("bench", tmp_path / "work", args)
+    assert same_dev and not oracle.benchmark_config("bench", tmp_path, argparse.Namespace(**{**vars(args), "dev_tokens": 65536}))[1]
     assert (config.unit_ranking, config.fitness, config.align_cache) == (ranking, "ppl", str(tmp_path / "work" / "store"))
     assert (config.device, config.dtype) == ("cpu", "float32")
     with pytest.raises(SystemExit, match="--benchmark other: no .*other.json"):
         oracle.benchmark_config("other", tmp_path / "work", args)
+
+
+def test_dev_figures_are_kept_per_amount_of_dev_text(tmp_path):
+    """A study on more dev text than an earlier one measures its genomes again instead of reading
+    back the earlier figures; one on as much reads them back."""
+    from experiments.dev_oracle import dev_figures
+
+    class Counting:
+        calls = 0
+
+        def heldout(self, genes, dev):
+            self.calls += 1
+            return {name: float(blocks.shape[0]) for name, blocks in dev.items()}
+
+    evaluator, short, long = Counting(), {"t": torch.zeros(2, 8)}, {"t": torch.zeros(4, 8)}
+    assert dev_figures(evaluator, "1111", short, tmp_path) == {"t": 2.0}
+    assert dev_figures(evaluator, "1111", short, tmp_path) == {"t": 2.0} and evaluator.calls == 1
+    assert dev_figures(evaluator, "1111", long, tmp_path) == {"t": 4.0} and evaluator.calls == 2
 
 
 def test_the_dev_oracle_re_ranks_each_runs_best_genomes_by_each_fitness():
