@@ -208,7 +208,8 @@ def test_the_dev_oracle_repairs_as_the_benchmark_it_reads_did(tmp_path, monkeypa
     (tmp_path / "bench.json").write_text(json.dumps({"evaluator": evaluator, "settings": {"dev_tokens": 16384}}))
     args = argparse.Namespace(data_dir="data", threads=2, fresh_windows=0, device="cpu", dev_tokens=16384)
     config, same_dev = oracle.benchmark_config("bench", tmp_path / "work", args)
-    assert same_dev and not oracle.benchmark_config("bench", tmp_path, argparse.Namespace(**{**vars(args), "dev_tokens": 65536}))[1]
+    more_dev = argparse.Namespace(**{**vars(args), "dev_tokens": 65536})
+    assert same_dev and not oracle.benchmark_config("bench", tmp_path / "work", more_dev)[1]
     assert (config.unit_ranking, config.fitness, config.align_cache) == (ranking, "ppl", str(tmp_path / "work" / "store"))
     assert (config.device, config.dtype) == ("cpu", "float32")
     with pytest.raises(SystemExit, match="--benchmark other: no .*other.json"):

@@ -393,7 +393,7 @@ def test_prescreening_finds_a_planted_optimum_more_often_at_equal_evaluations(tm
     assert hits[4] >= 7 and hits[1] <= 3, hits
 
 
-def test_the_prescreen_study_replays_a_runs_generations_from_its_log(tmp_path):
+def test_the_prescreen_study_replays_a_runs_generations_from_its_checkpoint(tmp_path):
     from experiments.prescreen_study import replay, screenings_by_generation
     run(tmp_path, "logged", PlantedEvaluator(TARGET), gens=12, seed=1, prescreen=4)
     checkpoint = RunFolder(tmp_path / "logged").load_checkpoint()
